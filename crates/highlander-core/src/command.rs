@@ -1,0 +1,324 @@
+//! The commands the replicated state machine applies, and what each one produced.
+
+use crate::{ClientId, Key, Limits, Payload, RequestId, Seq, SessionId, Token};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The most slots (owners at once) a key may have.
+pub const MAX_SLOTS: u32 = 1024;
+
+/// What kind of work a key names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyKind {
+    /// Runs on exactly one node at a time.
+    Singleton,
+    /// Runs on exactly `slots` distinct nodes at a time.
+    Exclusive,
+}
+
+/// How a key is run: the same on every session that registers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySpec {
+    /// Singleton or exclusive group.
+    pub kind: KeyKind,
+    /// How many owners the key has at once (1 for a singleton).
+    pub slots: u32,
+}
+
+impl KeySpec {
+    /// A key that runs on exactly one node.
+    pub const fn singleton() -> KeySpec {
+        KeySpec { kind: KeyKind::Singleton, slots: 1 }
+    }
+
+    /// A key that runs on exactly `slots` distinct nodes.
+    pub const fn exclusive(slots: u32) -> KeySpec {
+        KeySpec { kind: KeyKind::Exclusive, slots }
+    }
+
+    /// Whether the spec can be run: 1 slot for a singleton, 1..=[`MAX_SLOTS`] otherwise.
+    pub fn is_valid(&self) -> bool {
+        match self.kind {
+            KeyKind::Singleton => self.slots == 1,
+            KeyKind::Exclusive => (1..=MAX_SLOTS).contains(&self.slots),
+        }
+    }
+}
+
+/// The lease terms a session was opened with. The node measures its lease with them and the
+/// leader expires the session with them, so both sides agree even if nodes are configured
+/// differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseTerms {
+    /// Session time-to-live, in milliseconds.
+    pub ttl_ms: u64,
+    /// Allowance for clock-rate drift, in milliseconds: the node gives up its lease `margin`
+    /// before `ttl` runs out, the leader waits `margin` after it.
+    pub margin_ms: u64,
+}
+
+impl LeaseTerms {
+    /// How long a session may stay silent at the leader before it is expired.
+    pub fn expiry_after_ms(&self) -> u64 {
+        // Saturating: the terms come from a peer's configuration and must not crash the leader.
+        self.ttl_ms.saturating_add(self.margin_ms)
+    }
+}
+
+/// One change to the replicated state. A Raft entry carries a batch of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Opens a liveness session for a starting node, closing the node's previous session.
+    OpenSession {
+        /// The process asking.
+        client: ClientId,
+        /// Distinguishes re-opens by the same process after its session ended.
+        attempt: u32,
+        /// The lease terms the node will honour.
+        lease: LeaseTerms,
+        /// The node's configured limits; the first session adopts them for the cluster.
+        limits: Limits,
+    },
+    /// Ends a session gracefully; its slots become vacant at once.
+    CloseSession {
+        /// The session to end.
+        session: SessionId,
+    },
+    /// Ends a session the leader found silent for longer than its lease terms allow.
+    ///
+    /// Applied only from an entry of the same `term`: the leader decided it from the liveness
+    /// table of that leadership, which is only valid within it. An expiry decided under an
+    /// older leadership of the same node (its view of leadership lags) and appended under a
+    /// newer one could overtake a renewal granted by a leader in between.
+    ExpireSession {
+        /// The session to end.
+        session: SessionId,
+        /// The Raft term of the leadership that decided the expiry.
+        term: u64,
+    },
+    /// Says that a session can run `key`.
+    Register {
+        /// The session offering to run the key.
+        session: SessionId,
+        /// The key.
+        key: Key,
+        /// How the key is run.
+        spec: KeySpec,
+    },
+    /// Withdraws a registration; a slot the session owned for the key becomes vacant.
+    Unregister {
+        /// The session withdrawing.
+        session: SessionId,
+        /// The key.
+        key: Key,
+    },
+    /// Gives a vacant slot to a live candidate session, with a fresh fencing token.
+    Assign {
+        /// The key.
+        key: Key,
+        /// The slot index.
+        slot: u32,
+        /// The new owner.
+        session: SessionId,
+    },
+    /// Vacates a slot, if `token` is still the owner's token.
+    Release {
+        /// The key.
+        key: Key,
+        /// The slot index.
+        slot: u32,
+        /// The owner's token.
+        token: Token,
+        /// Whether the releasing session prefers not to be given the slot again.
+        hand_over: bool,
+    },
+    /// Appends a message to a key's queue.
+    Send {
+        /// The key.
+        key: Key,
+        /// The message body.
+        payload: Payload,
+        /// De-duplicates retries.
+        request: RequestId,
+        /// The client will not retry requests with a serial below this, so their
+        /// de-duplication records can be dropped.
+        floor: u64,
+    },
+    /// Drops a key's queued messages up to and including `upto`, if `token` is the token of
+    /// the key's consuming slot (slot 0).
+    Ack {
+        /// The key.
+        key: Key,
+        /// The consumer's token.
+        token: Token,
+        /// The last message handled.
+        upto: Seq,
+    },
+}
+
+impl Command {
+    /// A rough size in bytes, for batching.
+    pub fn approx_size(&self) -> usize {
+        match self {
+            Command::Send { key, payload, .. } => 48 + key.as_str().len() + payload.len(),
+            Command::Register { key, .. }
+            | Command::Unregister { key, .. }
+            | Command::Assign { key, .. }
+            | Command::Release { key, .. }
+            | Command::Ack { key, .. } => 32 + key.as_str().len(),
+            _ => 48,
+        }
+    }
+}
+
+/// The content of one Raft entry: commands packed by the proposer so that many callers share
+/// one log append.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch(pub Vec<Command>);
+
+/// What applying one command did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// A session is open (or was already open for this exact request).
+    SessionOpened {
+        /// The session.
+        session: SessionId,
+    },
+    /// The session ended.
+    SessionEnded,
+    /// The registration is in place.
+    Registered,
+    /// The registration is gone.
+    Unregistered,
+    /// The slot has a new owner.
+    Assigned {
+        /// The owner's fencing token.
+        token: Token,
+    },
+    /// The slot is vacant.
+    Released,
+    /// The message is queued.
+    Sent {
+        /// Its sequence number in the key's queue.
+        seq: Seq,
+    },
+    /// The queue's acknowledged prefix is gone.
+    Acked {
+        /// The sequence number now at the head of the queue, if any message remains.
+        head: Option<Seq>,
+    },
+    /// The command was refused; the state is unchanged.
+    Rejected(Rejection),
+}
+
+/// Why a command was refused. Refusal is a normal outcome, not a failure of the state machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    /// The session does not exist or has ended.
+    #[error("no such session")]
+    NoSuchSession,
+    /// The key has never been registered, or every registration and message is gone.
+    #[error("no such key")]
+    NoSuchKey,
+    /// The slot index is beyond the key's slot count.
+    #[error("no such slot")]
+    NoSuchSlot,
+    /// The session has not registered the key.
+    #[error("the session is not a candidate for the key")]
+    NotCandidate,
+    /// The slot already has an owner.
+    #[error("the slot is occupied")]
+    SlotOccupied,
+    /// The session already owns another slot of the key.
+    #[error("the session already owns a slot of the key")]
+    AlreadyOwnsSlot,
+    /// The token is not the current owner's token.
+    #[error("stale fencing token")]
+    StaleToken,
+    /// The key is registered elsewhere with a different spec.
+    #[error("the key is registered with a different spec: {existing:?}")]
+    SpecConflict {
+        /// The spec in force.
+        existing: KeySpec,
+    },
+    /// The spec cannot be run.
+    #[error("invalid key spec")]
+    InvalidSpec,
+    /// The payload is larger than the cluster's limit.
+    #[error("payload of {size} bytes exceeds the limit of {max} bytes")]
+    PayloadTooLarge {
+        /// The payload's size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The key's queue is at its message or byte limit.
+    #[error("the key's queue is full")]
+    QueueFull,
+    /// All queues together are at the cluster's byte limit.
+    #[error("the cluster's message store is full")]
+    StoreFull,
+    /// The node's limits differ from the cluster's.
+    #[error("the node's limits differ from the cluster's: {cluster:?}")]
+    LimitsMismatch {
+        /// The limits the cluster adopted.
+        cluster: Limits,
+    },
+    /// An older incarnation or attempt of the node; the node must start again above `current`.
+    #[error("stale incarnation; the cluster knows incarnation {current} attempt {attempt}")]
+    StaleIncarnation {
+        /// The newest incarnation the state knows for the node.
+        current: u64,
+        /// Its newest attempt.
+        attempt: u32,
+    },
+    /// A request from a process that is no longer the node's current incarnation, or one the
+    /// client said it would not retry.
+    #[error("request from a stale client, or already answered")]
+    StaleRequest,
+    /// An acknowledgement beyond the last queued message.
+    #[error("acknowledgement beyond the end of the queue")]
+    AckBeyondQueue,
+    /// An expiry decided under another leadership than the one that appended it.
+    #[error("expiry decided under term {decided}, appended in term {appended}")]
+    WrongTerm {
+        /// The term whose leader decided the expiry.
+        decided: u64,
+        /// The term of the entry that carried it.
+        appended: u64,
+    },
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::SessionOpened { session } => write!(f, "session {session} opened"),
+            Outcome::SessionEnded => f.write_str("session ended"),
+            Outcome::Registered => f.write_str("registered"),
+            Outcome::Unregistered => f.write_str("unregistered"),
+            Outcome::Assigned { token } => write!(f, "assigned {token}"),
+            Outcome::Released => f.write_str("released"),
+            Outcome::Sent { seq } => write!(f, "sent {seq}"),
+            Outcome::Acked { head } => write!(f, "acked, head {head:?}"),
+            Outcome::Rejected(r) => write!(f, "rejected: {r}"),
+        }
+    }
+}
+
+/// Identifies the owner of a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// The owning session.
+    pub session: SessionId,
+    /// Its fencing token for this slot.
+    pub token: Token,
+}
+
+/// A queued message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Its position in the key's queue.
+    pub seq: Seq,
+    /// Its body.
+    pub payload: Payload,
+}

@@ -1,0 +1,77 @@
+//! The leader's liveness table: when it last heard from each session, and which sessions it
+//! has decided to expire.
+//!
+//! A table belongs to one leadership. A node that becomes leader starts a new table in which
+//! every session counts as heard from at that moment (a full grace), because it cannot know
+//! what the previous leader heard. Once a session is marked for expiry, no keepalive for it
+//! is answered again by this leadership, so an `ExpireSession` on its way to the log can never
+//! be overtaken by a renewal.
+
+use crate::state::ClusterState;
+use crate::{Millis, SessionId};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The leader's view of session liveness during one leadership.
+#[derive(Clone, Debug)]
+pub struct LeaseTable {
+    term: u64,
+    started: Millis,
+    last_seen: BTreeMap<SessionId, Millis>,
+    expiring: BTreeSet<SessionId>,
+}
+
+impl LeaseTable {
+    /// A table for the leadership of Raft term `term`, which this node noticed at `now`.
+    /// A node leads at most once per term, so the term names the leadership.
+    pub fn new(term: u64, now: Millis) -> LeaseTable {
+        LeaseTable { term, started: now, last_seen: BTreeMap::new(), expiring: BTreeSet::new() }
+    }
+
+    /// The term of the leadership this table belongs to.
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    /// Records a keepalive that arrived at `at`. Ignored for a session marked for expiry.
+    pub fn heard(&mut self, session: SessionId, at: Millis) {
+        if self.expiring.contains(&session) {
+            return;
+        }
+        let seen = self.last_seen.entry(session).or_insert(at);
+        if at > *seen {
+            *seen = at;
+        }
+    }
+
+    /// Brings the table in step with the applied state: sessions it has not seen yet count as
+    /// heard from `now` (they were opened or this leadership began after their last keepalive
+    /// could have been counted), ended sessions are dropped.
+    pub fn observe(&mut self, state: &ClusterState, now: Millis) {
+        let at = now.max(self.started);
+        for id in state.sessions.keys() {
+            self.last_seen.entry(*id).or_insert(at);
+        }
+        self.last_seen.retain(|id, _| state.sessions.contains_key(id));
+        self.expiring.retain(|id| state.sessions.contains_key(id));
+    }
+
+    /// When the session was last heard from, if the table knows it.
+    pub fn last_seen(&self, session: SessionId) -> Option<Millis> {
+        self.last_seen.get(&session).copied()
+    }
+
+    /// Marks a session for expiry: from now on this leadership renews it no more.
+    pub fn mark_expiring(&mut self, session: SessionId) {
+        self.expiring.insert(session);
+    }
+
+    /// Whether a keepalive for the session may still be answered.
+    pub fn may_renew(&self, session: SessionId) -> bool {
+        !self.expiring.contains(&session)
+    }
+
+    /// Whether the session is marked for expiry.
+    pub fn is_expiring(&self, session: SessionId) -> bool {
+        self.expiring.contains(&session)
+    }
+}

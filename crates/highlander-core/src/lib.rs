@@ -1,0 +1,39 @@
+//! The sans-IO heart of highlander.
+//!
+//! This crate holds everything about a highlander cluster that can be decided without
+//! touching the world: the replicated state of sessions, keys, owners and message queues
+//! ([`ClusterState`]) and the deterministic [`ClusterState::apply`] that every replica runs on
+//! the same commands; the leader's liveness table ([`LeaseTable`]) and its assignment policy
+//! ([`plan`]); the messages nodes exchange ([`wire`]) and the one codec that encodes them
+//! ([`codec`]); and the [`Transport`] trait a network implements.
+//!
+//! It never opens a socket or a file, never spawns a task and never reads a clock: time
+//! enters only as data ([`Millis`]) passed in by the caller. That makes every function here
+//! deterministic, cheap to test, and safe to fuzz. The runtime that drives it lives in the
+//! `highlander` crate.
+
+#![warn(missing_docs)]
+
+pub mod codec;
+mod command;
+mod ids;
+mod key;
+mod lease;
+mod limits;
+mod payload;
+mod plan;
+pub mod state;
+mod transport;
+pub mod wire;
+
+pub use command::{
+    Batch, Command, KeyKind, KeySpec, LeaseTerms, MAX_SLOTS, Message, Outcome, Owner, Rejection,
+};
+pub use ids::{ClientId, Millis, NodeId, RequestId, Seq, SessionId, Token};
+pub use key::{IntoKey, Key, KeyError, MAX_KEY_BYTES};
+pub use lease::LeaseTable;
+pub use limits::{Limits, LimitsError, MAX_PAYLOAD_LIMIT};
+pub use payload::Payload;
+pub use plan::{MAX_ASSIGNS_PER_PLAN, plan, rendezvous};
+pub use state::ClusterState;
+pub use transport::{BoxFuture, RequestHandler, Transport, TransportError};

@@ -1,0 +1,574 @@
+//! The replicated state and the deterministic function that applies commands to it.
+//!
+//! Every map is ordered (`BTreeMap`/`BTreeSet`), so every replica iterates the same way and
+//! serializes its state to the same bytes. Nothing here reads a clock.
+
+use crate::command::{Command, KeySpec, LeaseTerms, Message, Outcome, Owner, Rejection};
+use crate::{ClientId, Key, Limits, NodeId, Payload, RequestId, Seq, SessionId, Token};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// A live session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// The session's id.
+    pub id: SessionId,
+    /// The process that opened it.
+    pub client: ClientId,
+    /// Which re-open of that process this is.
+    pub attempt: u32,
+    /// The lease terms both the node and the leader honour.
+    pub lease: LeaseTerms,
+    /// The keys this session has registered.
+    pub keys: BTreeSet<Key>,
+    /// The slots this session owns.
+    pub owned: BTreeSet<(Key, u32)>,
+}
+
+impl Session {
+    /// The node this session belongs to.
+    pub fn node(&self) -> NodeId {
+        self.client.node
+    }
+}
+
+/// What the state remembers about a node between its sessions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The newest incarnation seen.
+    pub incarnation: u64,
+    /// The newest attempt of that incarnation.
+    pub attempt: u32,
+    /// The node's live session, if any.
+    pub session: Option<SessionId>,
+}
+
+/// A key's queue of messages not yet acknowledged.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queue {
+    /// The sequence number the next message will get.
+    pub next_seq: u64,
+    /// Unacknowledged messages in sequence order, without gaps.
+    pub messages: VecDeque<Message>,
+    /// The sum of their payload sizes.
+    pub bytes: u64,
+}
+
+impl Queue {
+    /// Messages with sequence numbers from `from` on, at most `max` of them.
+    pub fn messages_from(&self, from: Seq, max: usize) -> impl Iterator<Item = &Message> {
+        let skip = match self.messages.front() {
+            Some(head) if from.0 > head.seq.0 => (from.0 - head.seq.0) as usize,
+            _ => 0,
+        };
+        self.messages.iter().skip(skip).take(max)
+    }
+
+    /// The first unacknowledged message's sequence number, if any.
+    pub fn head(&self) -> Option<Seq> {
+        self.messages.front().map(|m| m.seq)
+    }
+}
+
+/// One key: how it runs, who can run it, who runs it, and its messages.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyState {
+    /// How the key runs.
+    pub spec: KeySpec,
+    /// Sessions that registered the key.
+    pub candidates: BTreeSet<SessionId>,
+    /// One entry per slot: the owner, or `None` if vacant.
+    pub slots: Vec<Option<Owner>>,
+    /// Per slot, the session that last handed it over, which the planner avoids if it can.
+    pub handed_over_by: Vec<Option<SessionId>>,
+    /// Messages for the owner of slot 0.
+    pub queue: Queue,
+}
+
+/// The de-duplication record of one client process.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientWindow {
+    /// Requests below this serial are never retried; a copy of one is refused.
+    pub floor: u64,
+    /// What each request at or above the floor produced.
+    pub answered: BTreeMap<u64, Outcome>,
+}
+
+/// The whole replicated state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// The limits the cluster adopted from its first session.
+    pub limits: Option<Limits>,
+    /// The last session id handed out.
+    pub last_session: u64,
+    /// The last fencing token handed out.
+    pub last_token: u64,
+    /// Live sessions.
+    pub sessions: BTreeMap<SessionId, Session>,
+    /// Per node: its newest incarnation and live session.
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Registered keys and keys with queued messages.
+    pub keys: BTreeMap<Key, KeyState>,
+    /// Slots without an owner, for the planner.
+    pub vacant: BTreeSet<(Key, u32)>,
+    /// De-duplication windows of client processes.
+    pub clients: BTreeMap<ClientId, ClientWindow>,
+    /// Payload bytes queued across all keys.
+    pub total_bytes: u64,
+    /// The Raft term of the entry being applied (see [`ClusterState::apply_entry`]).
+    pub entry_term: u64,
+}
+
+impl ClusterState {
+    /// An empty state, as every replica starts.
+    pub fn new() -> ClusterState {
+        ClusterState::default()
+    }
+
+    /// Applies a batch in order, one outcome per command.
+    pub fn apply_batch(&mut self, commands: &[Command]) -> Vec<Outcome> {
+        commands.iter().map(|c| self.apply(c)).collect()
+    }
+
+    /// Applies the commands of one Raft entry appended in `term`. Commands that are only valid
+    /// within the leadership that decided them ([`Command::ExpireSession`]) are checked
+    /// against it.
+    pub fn apply_entry(&mut self, term: u64, commands: &[Command]) -> Vec<Outcome> {
+        self.entry_term = term;
+        self.apply_batch(commands)
+    }
+
+    /// Applies one command. A refused command leaves the state unchanged.
+    pub fn apply(&mut self, command: &Command) -> Outcome {
+        match command {
+            Command::OpenSession { client, attempt, lease, limits } => {
+                self.open_session(*client, *attempt, *lease, *limits)
+            }
+            Command::CloseSession { session } => self.end_session_outcome(*session),
+            Command::ExpireSession { session, term } => {
+                if *term != self.entry_term {
+                    return Outcome::Rejected(Rejection::WrongTerm {
+                        decided: *term,
+                        appended: self.entry_term,
+                    });
+                }
+                self.end_session_outcome(*session)
+            }
+            Command::Register { session, key, spec } => self.register(*session, key, *spec),
+            Command::Unregister { session, key } => self.unregister(*session, key),
+            Command::Assign { key, slot, session } => self.assign(key, *slot, *session),
+            Command::Release { key, slot, token, hand_over } => {
+                self.release(key, *slot, *token, *hand_over)
+            }
+            Command::Send { key, payload, request, floor } => {
+                self.send(key, payload, *request, *floor)
+            }
+            Command::Ack { key, token, upto } => self.ack(key, *token, *upto),
+        }
+    }
+
+    /// The live session of a node, if any.
+    pub fn session_of(&self, node: NodeId) -> Option<&Session> {
+        let id = self.nodes.get(&node)?.session?;
+        self.sessions.get(&id)
+    }
+
+    /// The owner of a key's slot, if any.
+    pub fn owner(&self, key: &Key, slot: u32) -> Option<Owner> {
+        self.keys.get(key)?.slots.get(slot as usize).copied().flatten()
+    }
+
+    fn open_session(
+        &mut self,
+        client: ClientId,
+        attempt: u32,
+        lease: LeaseTerms,
+        limits: Limits,
+    ) -> Outcome {
+        match self.limits {
+            Some(cluster) if cluster != limits => {
+                return Outcome::Rejected(Rejection::LimitsMismatch { cluster });
+            }
+            _ => {}
+        }
+        if let Some(rec) = self.nodes.get(&client.node) {
+            let asked = (client.incarnation, attempt);
+            let known = (rec.incarnation, rec.attempt);
+            if asked == known {
+                // A retry of the request that opened the node's newest session.
+                return match rec.session {
+                    Some(session) => Outcome::SessionOpened { session },
+                    None => Outcome::Rejected(Rejection::StaleIncarnation {
+                        current: rec.incarnation,
+                        attempt: rec.attempt,
+                    }),
+                };
+            }
+            if asked < known {
+                return Outcome::Rejected(Rejection::StaleIncarnation {
+                    current: rec.incarnation,
+                    attempt: rec.attempt,
+                });
+            }
+            // A newer start or re-open: the previous session ends now, not after its TTL.
+            if let Some(previous) = rec.session {
+                self.end_session(previous);
+            }
+        }
+        if self.limits.is_none() {
+            self.limits = Some(limits);
+        }
+        // A new process of the node will never retry the requests of an older one.
+        let stale: Vec<ClientId> = self
+            .clients
+            .keys()
+            .filter(|c| c.node == client.node && c.incarnation != client.incarnation)
+            .copied()
+            .collect();
+        for c in stale {
+            self.clients.remove(&c);
+        }
+        self.last_session += 1;
+        let id = SessionId(self.last_session);
+        self.sessions.insert(
+            id,
+            Session { id, client, attempt, lease, keys: BTreeSet::new(), owned: BTreeSet::new() },
+        );
+        self.nodes.insert(
+            client.node,
+            NodeRecord { incarnation: client.incarnation, attempt, session: Some(id) },
+        );
+        Outcome::SessionOpened { session: id }
+    }
+
+    fn end_session_outcome(&mut self, id: SessionId) -> Outcome {
+        if self.end_session(id) {
+            Outcome::SessionEnded
+        } else {
+            Outcome::Rejected(Rejection::NoSuchSession)
+        }
+    }
+
+    /// Ends a session and vacates its slots; false if it was not live.
+    fn end_session(&mut self, id: SessionId) -> bool {
+        let Some(session) = self.sessions.remove(&id) else {
+            return false;
+        };
+        for (key, slot) in &session.owned {
+            self.vacate(key, *slot, None);
+        }
+        for key in &session.keys {
+            if let Some(k) = self.keys.get_mut(key) {
+                k.candidates.remove(&id);
+            }
+            self.forget_key_if_idle(key);
+        }
+        if let Some(rec) = self.nodes.get_mut(&session.node()) {
+            if rec.session == Some(id) {
+                rec.session = None;
+            }
+        }
+        true
+    }
+
+    fn register(&mut self, session: SessionId, key: &Key, spec: KeySpec) -> Outcome {
+        if !spec.is_valid() {
+            return Outcome::Rejected(Rejection::InvalidSpec);
+        }
+        if !self.sessions.contains_key(&session) {
+            return Outcome::Rejected(Rejection::NoSuchSession);
+        }
+        match self.keys.get_mut(key) {
+            Some(k) if k.spec != spec => {
+                if !k.candidates.is_empty() {
+                    return Outcome::Rejected(Rejection::SpecConflict { existing: k.spec });
+                }
+                // Nobody runs the key; only its messages were left. Take the new spec.
+                for slot in 0..k.slots.len() as u32 {
+                    self.vacant.remove(&(key.clone(), slot));
+                }
+                k.spec = spec;
+                k.slots = vec![None; spec.slots as usize];
+                k.handed_over_by = vec![None; spec.slots as usize];
+                for slot in 0..spec.slots {
+                    self.vacant.insert((key.clone(), slot));
+                }
+                k.candidates.insert(session);
+            }
+            Some(k) => {
+                k.candidates.insert(session);
+            }
+            None => {
+                let mut candidates = BTreeSet::new();
+                candidates.insert(session);
+                self.keys.insert(
+                    key.clone(),
+                    KeyState {
+                        spec,
+                        candidates,
+                        slots: vec![None; spec.slots as usize],
+                        handed_over_by: vec![None; spec.slots as usize],
+                        queue: Queue { next_seq: 1, ..Queue::default() },
+                    },
+                );
+                for slot in 0..spec.slots {
+                    self.vacant.insert((key.clone(), slot));
+                }
+            }
+        }
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.keys.insert(key.clone());
+        }
+        Outcome::Registered
+    }
+
+    fn unregister(&mut self, session: SessionId, key: &Key) -> Outcome {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return Outcome::Rejected(Rejection::NoSuchSession);
+        };
+        if !s.keys.remove(key) {
+            return Outcome::Unregistered;
+        }
+        let owned: Vec<u32> =
+            s.owned.iter().filter(|(k, _)| k == key).map(|(_, slot)| *slot).collect();
+        for slot in owned {
+            self.vacate(key, slot, None);
+        }
+        if let Some(k) = self.keys.get_mut(key) {
+            k.candidates.remove(&session);
+        }
+        self.forget_key_if_idle(key);
+        Outcome::Unregistered
+    }
+
+    fn assign(&mut self, key: &Key, slot: u32, session: SessionId) -> Outcome {
+        let Some(k) = self.keys.get_mut(key) else {
+            return Outcome::Rejected(Rejection::NoSuchKey);
+        };
+        let Some(current) = k.slots.get(slot as usize) else {
+            return Outcome::Rejected(Rejection::NoSuchSlot);
+        };
+        if current.is_some() {
+            return Outcome::Rejected(Rejection::SlotOccupied);
+        }
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return Outcome::Rejected(Rejection::NoSuchSession);
+        };
+        if !k.candidates.contains(&session) {
+            return Outcome::Rejected(Rejection::NotCandidate);
+        }
+        if s.owned.iter().any(|(owned_key, _)| owned_key == key) {
+            return Outcome::Rejected(Rejection::AlreadyOwnsSlot);
+        }
+        self.last_token += 1;
+        let token = Token(self.last_token);
+        k.slots[slot as usize] = Some(Owner { session, token });
+        s.owned.insert((key.clone(), slot));
+        self.vacant.remove(&(key.clone(), slot));
+        Outcome::Assigned { token }
+    }
+
+    fn release(&mut self, key: &Key, slot: u32, token: Token, hand_over: bool) -> Outcome {
+        match self.owner(key, slot) {
+            Some(owner) if owner.token == token => {
+                let by = hand_over.then_some(owner.session);
+                self.vacate(key, slot, by);
+                Outcome::Released
+            }
+            _ => Outcome::Rejected(Rejection::StaleToken),
+        }
+    }
+
+    /// Empties a slot, keeping every index in step.
+    fn vacate(&mut self, key: &Key, slot: u32, handed_over_by: Option<SessionId>) {
+        let Some(k) = self.keys.get_mut(key) else { return };
+        let Some(Some(owner)) = k.slots.get(slot as usize).copied() else { return };
+        k.slots[slot as usize] = None;
+        k.handed_over_by[slot as usize] = handed_over_by;
+        if let Some(s) = self.sessions.get_mut(&owner.session) {
+            s.owned.remove(&(key.clone(), slot));
+        }
+        self.vacant.insert((key.clone(), slot));
+    }
+
+    /// Drops a key nobody can run and nobody has sent anything to.
+    fn forget_key_if_idle(&mut self, key: &Key) {
+        let idle = match self.keys.get(key) {
+            Some(k) => k.candidates.is_empty() && k.queue.messages.is_empty(),
+            None => false,
+        };
+        if idle {
+            if let Some(k) = self.keys.remove(key) {
+                for slot in 0..k.slots.len() as u32 {
+                    self.vacant.remove(&(key.clone(), slot));
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, key: &Key, payload: &Payload, request: RequestId, floor: u64) -> Outcome {
+        let client = request.client;
+        match self.nodes.get(&client.node) {
+            Some(rec) if rec.incarnation == client.incarnation => {}
+            _ => return Outcome::Rejected(Rejection::StaleRequest),
+        }
+        let window = self.clients.entry(client).or_default();
+        if request.serial < window.floor {
+            return Outcome::Rejected(Rejection::StaleRequest);
+        }
+        if let Some(answer) = window.answered.get(&request.serial) {
+            return answer.clone();
+        }
+        if floor > window.floor {
+            window.floor = floor;
+            window.answered = window.answered.split_off(&floor);
+        }
+        let outcome = self.enqueue(key, payload);
+        if let Some(window) = self.clients.get_mut(&client) {
+            if request.serial >= window.floor {
+                window.answered.insert(request.serial, outcome.clone());
+            }
+        }
+        outcome
+    }
+
+    fn enqueue(&mut self, key: &Key, payload: &Payload) -> Outcome {
+        let limits = self.limits.unwrap_or_default();
+        let Some(k) = self.keys.get_mut(key) else {
+            return Outcome::Rejected(Rejection::NoSuchKey);
+        };
+        let size = payload.len() as u64;
+        if size > u64::from(limits.max_payload_bytes) {
+            return Outcome::Rejected(Rejection::PayloadTooLarge {
+                size,
+                max: u64::from(limits.max_payload_bytes),
+            });
+        }
+        if k.queue.messages.len() >= limits.max_messages_per_key as usize
+            || k.queue.bytes + size > limits.max_bytes_per_key
+        {
+            return Outcome::Rejected(Rejection::QueueFull);
+        }
+        if self.total_bytes + size > limits.max_total_bytes {
+            return Outcome::Rejected(Rejection::StoreFull);
+        }
+        let seq = Seq(k.queue.next_seq);
+        k.queue.next_seq += 1;
+        k.queue.bytes += size;
+        k.queue.messages.push_back(Message { seq, payload: payload.clone() });
+        self.total_bytes += size;
+        Outcome::Sent { seq }
+    }
+
+    fn ack(&mut self, key: &Key, token: Token, upto: Seq) -> Outcome {
+        let Some(k) = self.keys.get_mut(key) else {
+            return Outcome::Rejected(Rejection::NoSuchKey);
+        };
+        match k.slots.first() {
+            Some(Some(owner)) if owner.token == token => {}
+            _ => return Outcome::Rejected(Rejection::StaleToken),
+        }
+        if upto.0 >= k.queue.next_seq {
+            return Outcome::Rejected(Rejection::AckBeyondQueue);
+        }
+        while let Some(front) = k.queue.messages.front() {
+            if front.seq > upto {
+                break;
+            }
+            let size = front.payload.len() as u64;
+            k.queue.bytes -= size;
+            self.total_bytes -= size;
+            k.queue.messages.pop_front();
+        }
+        let head = k.queue.head();
+        self.forget_key_if_idle(key);
+        Outcome::Acked { head }
+    }
+
+    /// Checks the state's internal consistency: every index agrees with what it indexes.
+    /// Used by tests and the simulator; returns a description of the first disagreement.
+    pub fn check_consistency(&self) -> Result<(), String> {
+        let mut total = 0u64;
+        for (key, k) in &self.keys {
+            if k.slots.len() != k.spec.slots as usize || k.handed_over_by.len() != k.slots.len() {
+                return Err(format!("key {key}: slot vectors disagree with spec"));
+            }
+            if k.candidates.is_empty() && k.queue.messages.is_empty() {
+                return Err(format!("key {key}: idle key kept"));
+            }
+            let mut owners = BTreeSet::new();
+            for (slot, owner) in k.slots.iter().enumerate() {
+                let vacant = self.vacant.contains(&(key.clone(), slot as u32));
+                match owner {
+                    None if !vacant => {
+                        return Err(format!("key {key} slot {slot}: not indexed vacant"));
+                    }
+                    Some(_) if vacant => {
+                        return Err(format!("key {key} slot {slot}: owned but indexed vacant"));
+                    }
+                    Some(o) => {
+                        let Some(s) = self.sessions.get(&o.session) else {
+                            return Err(format!(
+                                "key {key} slot {slot}: owner {} not live",
+                                o.session
+                            ));
+                        };
+                        if !s.owned.contains(&(key.clone(), slot as u32)) {
+                            return Err(format!("key {key} slot {slot}: owner does not list it"));
+                        }
+                        if !k.candidates.contains(&o.session) {
+                            return Err(format!("key {key} slot {slot}: owner is not a candidate"));
+                        }
+                        if !owners.insert(o.session) {
+                            return Err(format!("key {key}: one session owns two slots"));
+                        }
+                        if o.token.0 > self.last_token {
+                            return Err(format!("key {key}: token beyond counter"));
+                        }
+                    }
+                    None => {}
+                }
+            }
+            for c in &k.candidates {
+                match self.sessions.get(c) {
+                    Some(s) if s.keys.contains(key) => {}
+                    _ => {
+                        return Err(format!("key {key}: candidate {c} not live or not listing key"));
+                    }
+                }
+            }
+            let bytes: u64 = k.queue.messages.iter().map(|m| m.payload.len() as u64).sum();
+            if bytes != k.queue.bytes {
+                return Err(format!("key {key}: queue bytes {} but holds {bytes}", k.queue.bytes));
+            }
+            let mut expect = k.queue.messages.front().map(|m| m.seq.0);
+            for m in &k.queue.messages {
+                if Some(m.seq.0) != expect || m.seq.0 >= k.queue.next_seq {
+                    return Err(format!("key {key}: queue sequence broken at {}", m.seq));
+                }
+                expect = Some(m.seq.0 + 1);
+            }
+            total += bytes;
+        }
+        if total != self.total_bytes {
+            return Err(format!("total bytes {} but queues hold {total}", self.total_bytes));
+        }
+        for (key, slot) in &self.vacant {
+            match self.keys.get(key) {
+                Some(k) if (*slot as usize) < k.slots.len() => {}
+                _ => return Err(format!("vacant index names missing slot {key}/{slot}")),
+            }
+        }
+        for (id, s) in &self.sessions {
+            if self.nodes.get(&s.node()).and_then(|r| r.session) != Some(*id) {
+                return Err(format!("session {id} is not its node's session"));
+            }
+            for (key, slot) in &s.owned {
+                if self.owner(key, *slot).map(|o| o.session) != Some(*id) {
+                    return Err(format!("session {id} lists {key}/{slot} it does not own"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
