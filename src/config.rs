@@ -1,0 +1,188 @@
+//! Timing presets and the validation that keeps them safe.
+
+use std::time::Duration;
+
+/// The clocks of a node: Raft's heartbeat and election timeouts, and the session lease.
+///
+/// The safety of ownership (never two live owners of a slot) rests only on bounded clock-rate
+/// drift, which `lease_margin` covers. The other relations checked by [`Timing::validate`] are
+/// about liveness: a node must be able to renew its lease across a leader election, or every
+/// leader crash would stop every task in the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// How often the Raft leader sends heartbeats.
+    pub heartbeat: Duration,
+    /// The shortest Raft election timeout.
+    pub election_min: Duration,
+    /// The longest Raft election timeout (also Raft's leader lease).
+    pub election_max: Duration,
+    /// How long a node's session lives without a renewed keepalive.
+    pub session_ttl: Duration,
+    /// How often a node sends its keepalive (the lease is renewed from send time).
+    pub keepalive_interval: Duration,
+    /// Allowance for clock-rate drift: a node stops acting `lease_margin` before its TTL runs
+    /// out, the leader waits `lease_margin` after it before expiring the session.
+    pub lease_margin: Duration,
+    /// How long one write (a send, a registration) may take, retries included, before the
+    /// caller gets [`Error::Timeout`](crate::Error::Timeout).
+    pub write_timeout: Duration,
+}
+
+impl Default for Timing {
+    /// The standard preset: heartbeat 50 ms, election 150–300 ms, session TTL 2 s,
+    /// keepalive every 500 ms, margin 100 ms.
+    fn default() -> Self {
+        Timing {
+            heartbeat: Duration::from_millis(50),
+            election_min: Duration::from_millis(150),
+            election_max: Duration::from_millis(300),
+            session_ttl: Duration::from_secs(2),
+            keepalive_interval: Duration::from_millis(500),
+            lease_margin: Duration::from_millis(100),
+            write_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a timing configuration was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unsafe timing: {0}")]
+pub struct TimingError(pub String);
+
+impl Timing {
+    /// The standard preset (see [`Timing::default`]).
+    pub fn standard() -> Timing {
+        Timing::default()
+    }
+
+    /// A preset for a LAN: heartbeat 20 ms, election 50–100 ms, session TTL 500 ms,
+    /// keepalive every 100 ms, margin 25 ms. The same safety argument holds; elections and
+    /// scheduling hiccups longer than about 200 ms make nodes stop their tasks until renewed.
+    pub fn fast() -> Timing {
+        Timing {
+            heartbeat: Duration::from_millis(20),
+            election_min: Duration::from_millis(50),
+            election_max: Duration::from_millis(100),
+            session_ttl: Duration::from_millis(500),
+            keepalive_interval: Duration::from_millis(100),
+            lease_margin: Duration::from_millis(25),
+            write_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// The longest a leader change is expected to take without split votes: a follower waits
+    /// out Raft's leader lease (`election_max`) and its own election timeout (at most
+    /// `election_max`) and the ticker may add a heartbeat and a half; one more heartbeat
+    /// covers the vote and the new leader's first commit.
+    pub fn election_bound(&self) -> Duration {
+        self.election_max * 2 + self.heartbeat * 2 + self.heartbeat / 2
+    }
+
+    /// How long before its lease deadline a node asks its tasks to stop; at the deadline it
+    /// aborts them. One keepalive interval: a task is asked to stop once the node has missed
+    /// enough renewals that the deadline is within one more interval.
+    pub fn stop_grace(&self) -> Duration {
+        self.keepalive_interval
+    }
+
+    /// Checks the relations that keep ownership safe and the cluster live, and explains the
+    /// first one that does not hold.
+    pub fn validate(&self) -> Result<(), TimingError> {
+        let ms = |d: Duration| d.as_millis();
+        if self.heartbeat < Duration::from_millis(1) {
+            return Err(TimingError("heartbeat must be at least 1 ms".into()));
+        }
+        if self.election_min < self.heartbeat * 2 {
+            return Err(TimingError(format!(
+                "election_min ({} ms) must be at least twice the heartbeat ({} ms), or followers \
+                 start elections between two heartbeats of a healthy leader",
+                ms(self.election_min),
+                ms(self.heartbeat)
+            )));
+        }
+        if self.election_max <= self.election_min {
+            return Err(TimingError(format!(
+                "election_max ({} ms) must exceed election_min ({} ms): the random spread \
+                 between them is what breaks split votes",
+                ms(self.election_max),
+                ms(self.election_min)
+            )));
+        }
+        if self.lease_margin * 100 < self.session_ttl || self.lease_margin.is_zero() {
+            return Err(TimingError(format!(
+                "lease_margin ({} ms) must be at least 1% of session_ttl ({} ms): it is the \
+                 allowance for clock-rate drift between a node and the leader",
+                ms(self.lease_margin),
+                ms(self.session_ttl)
+            )));
+        }
+        if self.keepalive_interval.is_zero() || self.keepalive_interval * 3 > self.session_ttl {
+            return Err(TimingError(format!(
+                "keepalive_interval ({} ms) must be non-zero and at most a third of \
+                 session_ttl ({} ms), so that a lost keepalive does not end a lease",
+                ms(self.keepalive_interval),
+                ms(self.session_ttl)
+            )));
+        }
+        let needed = self.election_bound() + self.keepalive_interval * 2 + self.lease_margin;
+        if self.session_ttl < needed {
+            return Err(TimingError(format!(
+                "session_ttl ({} ms) is too short: a leader election may take {} ms \
+                 (2 x election_max + 2.5 x heartbeat), and a node must still renew its lease \
+                 after it, one keepalive interval ({} ms) later and one stop grace ({} ms) \
+                 before its lease ends (margin {} ms). Use a session_ttl of at least {} ms, or \
+                 shorten the Raft timeouts",
+                ms(self.session_ttl),
+                ms(self.election_bound()),
+                ms(self.keepalive_interval),
+                ms(self.stop_grace()),
+                ms(self.lease_margin),
+                ms(needed)
+            )));
+        }
+        if self.write_timeout < self.election_bound() {
+            return Err(TimingError(format!(
+                "write_timeout ({} ms) must be at least the election bound ({} ms), or writes \
+                 fail during every leader change",
+                ms(self.write_timeout),
+                ms(self.election_bound())
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_valid() {
+        Timing::default().validate().unwrap();
+        Timing::fast().validate().unwrap();
+    }
+
+    #[test]
+    fn unsafe_values_are_refused_with_a_reason() {
+        let t = Timing {
+            session_ttl: Duration::from_millis(1500),
+            keepalive_interval: Duration::from_millis(400),
+            ..Timing::default()
+        };
+        let e = t.validate().unwrap_err().to_string();
+        assert!(e.contains("session_ttl (1500 ms) is too short"), "{e}");
+        assert!(e.contains("at least"), "{e}");
+
+        let t = Timing { lease_margin: Duration::ZERO, ..Timing::default() };
+        assert!(t.validate().unwrap_err().to_string().contains("clock-rate drift"));
+
+        let t = Timing { election_max: Duration::from_millis(150), ..Timing::default() };
+        assert!(t.validate().unwrap_err().to_string().contains("split votes"));
+
+        let t = Timing { keepalive_interval: Duration::from_millis(900), ..Timing::default() };
+        assert!(t.validate().unwrap_err().to_string().contains("third"));
+
+        let t = Timing { election_min: Duration::from_millis(60), ..Timing::default() };
+        assert!(t.validate().unwrap_err().to_string().contains("twice the heartbeat"));
+    }
+}

@@ -1,0 +1,113 @@
+//! The errors the public API returns.
+
+use crate::config::TimingError;
+use highlander_core::{Key, KeyError, KeySpec, LimitsError, NodeId, Rejection, TransportError};
+
+/// A configuration the node refused to start with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `Node::builder().id(..)` was not called.
+    #[error("the node id is missing: call .id(..)")]
+    MissingId,
+    /// `Node::builder().transport(..)` was not called.
+    #[error("the transport is missing: call .transport(..)")]
+    MissingTransport,
+    /// The peer list is empty.
+    #[error("the peer list is empty: list every node of the cluster, this one included")]
+    NoPeers,
+    /// The node's own id is not in the peer list.
+    #[error("node {0} is not in the peer list; every node must list itself")]
+    OwnIdMissing(NodeId),
+    /// An id appears twice in the peer list.
+    #[error("node {0} appears twice in the peer list")]
+    DuplicatePeer(NodeId),
+    /// The transport speaks for another node.
+    #[error("the transport belongs to node {transport}, but this node is {node}")]
+    TransportMismatch {
+        /// The transport's node.
+        transport: NodeId,
+        /// This node.
+        node: NodeId,
+    },
+    /// The timing is unsafe.
+    #[error(transparent)]
+    Timing(#[from] TimingError),
+    /// The limits are inconsistent.
+    #[error("bad limits: {0}")]
+    Limits(#[from] LimitsError),
+    /// The node's limits differ from the ones the cluster adopted.
+    #[error(
+        "this node's limits differ from the cluster's ({cluster:?}); configure the same limits on every node"
+    )]
+    LimitsMismatch {
+        /// The cluster's limits.
+        cluster: highlander_core::Limits,
+    },
+}
+
+/// What a call on a [`Node`](crate::Node) can fail with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The node was configured wrongly.
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The key is not a valid key.
+    #[error("invalid key: {0}")]
+    InvalidKey(#[from] KeyError),
+    /// The payload exceeds the cluster's limit; nothing was sent.
+    #[error("payload of {size} bytes exceeds the limit of {max} bytes")]
+    PayloadTooLarge {
+        /// The payload's size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The key's queue is full; nothing was sent. Retry after the owner catches up.
+    #[error("the queue of {key} is full")]
+    QueueFull {
+        /// The key.
+        key: Key,
+    },
+    /// The cluster's message store is full; nothing was sent.
+    #[error("the cluster's message store is full")]
+    StoreFull,
+    /// Nobody has registered the key and it holds no messages; nothing was sent.
+    #[error("no such key: {key}")]
+    NoSuchKey {
+        /// The key.
+        key: Key,
+    },
+    /// The key is registered elsewhere with a different spec.
+    #[error("{key} is registered with a different spec: {existing:?}")]
+    SpecConflict {
+        /// The key.
+        key: Key,
+        /// The spec in force.
+        existing: KeySpec,
+    },
+    /// This node already has a handler for the key.
+    #[error("this node already has a handler for {key}")]
+    AlreadyRegistered {
+        /// The key.
+        key: Key,
+    },
+    /// The write did not complete in time. It may or may not have been applied; a retry of
+    /// the same call may duplicate it.
+    #[error("timed out; the outcome is unknown")]
+    Timeout,
+    /// The node has no session yet (no quorum reachable since start).
+    #[error("the node is not connected to a quorum: {0}")]
+    Unavailable(String),
+    /// The node is shutting down or has stopped.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// Raft stopped on this node (a storage failure or a shutdown).
+    #[error("the node has stopped: {0}")]
+    Stopped(String),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    /// The state machine refused the command for a reason not listed above.
+    #[error("refused: {0}")]
+    Rejected(Rejection),
+}

@@ -1,0 +1,203 @@
+//! The leader's duties: the liveness table, keepalive confirmation, and the planning loop that
+//! expires silent sessions and fills vacant slots.
+//!
+//! Every node runs these loops; they act only while the node believes it leads, and nothing
+//! they do relies on that belief being true: a renewal is answered only after a leadership
+//! confirmation begun after the keepalive arrived, and an expiry is applied only from an
+//! entry of the term whose liveness table decided it.
+
+use crate::node::Shared;
+use crate::raft::{ConfirmError, RaftNode};
+use highlander_core::wire::KeepAliveReply;
+use highlander_core::{Command, LeaseTable, Millis, SessionId, plan};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+/// Keepalives waiting for a confirmation.
+const KEEPALIVE_QUEUE: usize = 4096;
+
+/// The leader-side state shared by the keepalive path and the planning loop.
+pub(crate) struct LeaderState {
+    /// The liveness table of this node's current leadership, if it leads.
+    table: Mutex<Option<LeaseTable>>,
+    keepalives: mpsc::Sender<PendingKeepAlive>,
+}
+
+pub(crate) struct PendingKeepAlive {
+    session: SessionId,
+    reply: oneshot::Sender<KeepAliveReply>,
+}
+
+impl LeaderState {
+    pub(crate) fn new() -> (LeaderState, mpsc::Receiver<PendingKeepAlive>) {
+        let (keepalives, rx) = mpsc::channel(KEEPALIVE_QUEUE);
+        (LeaderState { table: Mutex::new(None), keepalives }, rx)
+    }
+
+    fn table(&self) -> MutexGuard<'_, Option<LeaseTable>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Handles one keepalive that arrived now (from a peer or from this node itself).
+///
+/// `lapsed_ms` is how long the sender's lease has been lapsed. A node that has been lapsed
+/// for longer than its TTL is not heard from any more, so that a node which can reach the
+/// leader but not hear its answers (a one-way partition) is expired and its tasks move.
+pub(crate) async fn keepalive(
+    shared: &Arc<Shared>,
+    session: SessionId,
+    lapsed_ms: u64,
+) -> KeepAliveReply {
+    let now = shared.now_millis();
+    {
+        let mut guard = shared.leader.table();
+        let Some(table) = guard.as_mut() else {
+            return match shared.raft.leader_hint() {
+                Some(l) if l != shared.id => KeepAliveReply::NotLeader { leader: Some(l) },
+                _ => KeepAliveReply::Unconfirmed,
+            };
+        };
+        if !table.may_renew(session) {
+            return KeepAliveReply::SessionEnded;
+        }
+        let ttl = shared.applied.read().state.sessions.get(&session).map(|s| s.lease.ttl_ms);
+        match ttl {
+            None => return KeepAliveReply::SessionEnded,
+            Some(ttl) if lapsed_ms > ttl => return KeepAliveReply::Unconfirmed,
+            Some(_) => table.heard(session, now),
+        }
+    }
+    let (reply, rx) = oneshot::channel();
+    if shared.leader.keepalives.try_send(PendingKeepAlive { session, reply }).is_err() {
+        return KeepAliveReply::Unconfirmed;
+    }
+    rx.await.unwrap_or(KeepAliveReply::Unconfirmed)
+}
+
+/// Answers queued keepalives in batches, each batch behind one leadership confirmation that
+/// begins after every keepalive in it arrived.
+pub(crate) async fn confirm_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<PendingKeepAlive>) {
+    let timeout = shared.timing.heartbeat * 4;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(p) = rx.try_recv() {
+            batch.push(p);
+        }
+        let term_before = shared.leader.table().as_ref().map(LeaseTable::term);
+        let confirmed = shared.raft.confirm_leadership(timeout).await;
+        let replies: Vec<KeepAliveReply> = match confirmed {
+            Err(ConfirmError::NotLeader(leader)) => {
+                batch.iter().map(|_| KeepAliveReply::NotLeader { leader }).collect()
+            }
+            Err(ConfirmError::Unconfirmed) => {
+                batch.iter().map(|_| KeepAliveReply::Unconfirmed).collect()
+            }
+            Ok(()) => {
+                // The table lock is held while the applied state is read, so no expiry can
+                // be marked between this check and the answer.
+                let guard = shared.leader.table();
+                match guard.as_ref() {
+                    Some(table) if Some(table.term()) == term_before => {
+                        let applied = shared.applied.read();
+                        batch
+                            .iter()
+                            .map(|p| {
+                                if applied.state.sessions.contains_key(&p.session)
+                                    && table.may_renew(p.session)
+                                {
+                                    KeepAliveReply::Renewed
+                                } else {
+                                    KeepAliveReply::SessionEnded
+                                }
+                            })
+                            .collect()
+                    }
+                    // Leadership changed while confirming: the check belongs to no table.
+                    _ => batch.iter().map(|_| KeepAliveReply::Unconfirmed).collect(),
+                }
+            }
+        };
+        for (p, r) in batch.into_iter().zip(replies) {
+            let _ = p.reply.send(r);
+        }
+    }
+}
+
+/// Watches leadership and the applied state; while leading, proposes what `plan` says.
+pub(crate) async fn duties_loop(shared: Arc<Shared>) {
+    let mut leadership = shared.raft.leadership();
+    let mut applied = shared.applied.subscribe();
+    let mut tick = tokio::time::interval(shared.timing.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The last plan proposed and when: an identical plan is not proposed again within a
+    // heartbeat, so a refused command cannot make this loop spin on its own applies.
+    let mut last: Option<(Vec<Command>, tokio::time::Instant)> = None;
+    loop {
+        tokio::select! {
+            biased;
+            changed = leadership.changed() => if changed.is_err() { return },
+            changed = applied.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        let commands = {
+            let term = RaftNode::leading_term(shared.id, &leadership.borrow_and_update());
+            let mut guard = shared.leader.table();
+            match (term, guard.as_ref().map(LeaseTable::term)) {
+                (None, Some(old)) => {
+                    info!(node = %shared.id, term = old, "no longer leading");
+                    *guard = None;
+                }
+                (Some(t), current) if current != Some(t) => {
+                    // A new leadership: forget what was known, give every session a full grace.
+                    info!(node = %shared.id, term = t, "leading; every session gets a full grace");
+                    *guard = Some(LeaseTable::new(t, shared.now_millis()));
+                }
+                _ => {}
+            }
+            let Some(table) = guard.as_mut() else { continue };
+            let now = shared.now_millis();
+            let state = shared.applied.read();
+            table.observe(&state.state, now);
+            let commands = plan(&state.state, table, now);
+            for c in &commands {
+                if let Command::ExpireSession { session, .. } = c {
+                    // Marked before it is proposed: no renewal can overtake it.
+                    table.mark_expiring(*session);
+                    let silent = table.last_seen(*session).map(|s| now.since(s));
+                    info!(node = %shared.id, %session, silent_ms = ?silent, "expiring silent session");
+                }
+            }
+            commands
+        };
+        if commands.is_empty() {
+            last = None;
+            continue;
+        }
+        let now = tokio::time::Instant::now();
+        if let Some((previous, at)) = &last {
+            if *previous == commands && now < *at + shared.timing.heartbeat {
+                continue;
+            }
+        }
+        last = Some((commands.clone(), now));
+        debug!(node = %shared.id, commands = commands.len(), "proposing plan");
+        // Written directly (no forwarding): a plan is only meaningful from this leadership.
+        match shared.raft.write(commands, shared.timing.write_timeout).await {
+            Ok(outcomes) => {
+                for o in outcomes {
+                    if let highlander_core::Outcome::Rejected(r) = o {
+                        debug!(node = %shared.id, reason = %r, "plan command refused");
+                    }
+                }
+            }
+            Err(e) => warn!(node = %shared.id, error = ?e, "plan write failed"),
+        }
+    }
+}
+
+/// This node's monotonic time as the liveness table counts it.
+pub(crate) fn millis_since(origin: tokio::time::Instant) -> Millis {
+    Millis(tokio::time::Instant::now().saturating_duration_since(origin).as_millis() as u64)
+}

@@ -1,0 +1,79 @@
+//! highlander turns your application's own processes into a cluster and runs **singleton
+//! tasks** on it: named work that runs on exactly one node at a time (or on exactly N), moves
+//! to another node when its owner dies, and receives messages sent to its name from any node,
+//! durably and in order.
+//!
+//! The nodes form their own Raft group (openraft) from a static peer list; there is no Redis,
+//! Postgres or etcd beside them. Every ownership carries a fencing token that strictly
+//! increases per key. The replicated state and the assignment policy live in the sans-IO
+//! `highlander-core` crate; this crate is the runtime that drives them: the Raft glue, the
+//! session keeper, the leader's duties, the task supervisor and the batching proposer.
+//!
+//! It never reads the wall clock for leases (only `tokio::time`, which a simulator pauses)
+//! and never opens a socket itself: the network is a [`Transport`] you pass in —
+//! `highlander-sim` provides a simulated one for tests.
+//!
+//! # Guarantees and their assumption
+//!
+//! - A key slot never has two running owners at the same instant, assuming only that clock
+//!   rates drift by less than [`Timing::lease_margin`] over a session TTL (1% by default).
+//!   Network delays, partitions, crashes and leader changes do not break it.
+//! - A message whose [`Node::send`] returned is delivered at least once, in per-key order,
+//!   to the key's owner, across owner crashes and leader changes.
+//! - Crash failover takes about the session TTL (2 s by default); a graceful
+//!   [`Node::shutdown`] hands keys over in milliseconds.
+//!
+//! # A tour
+//!
+//! ```no_run
+//! use highlander::{Node, Timing};
+//! # async fn demo(transport: impl highlander::Transport) -> Result<(), highlander::Error> {
+//! let node = Node::builder()
+//!     .id(1)
+//!     .peers([1, 2, 3])
+//!     .transport(transport)
+//!     .timing(Timing::default())
+//!     .start()
+//!     .await?;
+//! node.singleton("irc:#rust", |mut ctx| async move {
+//!     while let Some(m) = ctx.recv().await {
+//!         if !ctx.still_owner() { break; }
+//!         println!("token {} got message {}", ctx.token(), m.seq);
+//!     }
+//! })
+//! .await?;
+//! let seq = node.send("irc:#rust", "hello").await?;
+//! println!("queued as {seq}; owners: {:?}", node.status().keys);
+//! node.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod clock;
+mod config;
+mod error;
+mod leader;
+mod node;
+mod observer;
+mod proposer;
+mod raft;
+mod session;
+mod supervisor;
+mod task;
+
+pub use clock::{SystemClock, WallClock};
+pub use config::{Timing, TimingError};
+pub use error::{ConfigError, Error};
+pub use highlander_core::wire::{KeyReport, OwnerReport, SessionReport, StatusReport};
+pub use highlander_core::{
+    IntoKey, Key, KeyError, KeyKind, KeySpec, Limits, Message, NodeId, Payload, Rejection, Seq,
+    SessionId, Token, Transport, TransportError,
+};
+pub use node::{Node, NodeBuilder};
+pub use observer::Observer;
+pub use raft::store::MemStorage;
+pub use task::{RestartPolicy, TaskContext, TaskOptions, TaskResult};
+
+/// The sans-IO core, for transports and tools that speak the wire protocol.
+pub use highlander_core as core;

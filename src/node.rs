@@ -1,0 +1,712 @@
+//! A node: the public handle, its builder, and the state its loops share.
+
+use crate::clock::{SystemClock, WallClock};
+use crate::config::Timing;
+use crate::error::{ConfigError, Error};
+use crate::leader::{self, LeaderState};
+use crate::observer::Observer;
+use crate::proposer::{Proposer, WriteError, WritePath};
+use crate::raft::store::{AppliedState, MemStorage};
+use crate::raft::{LocalWriteError, RaftNode};
+use crate::session;
+use crate::supervisor::{self, SupervisorCommand};
+use crate::task::{BoxedHandler, Lease, TaskContext, TaskOptions, TaskResult, box_handler};
+use highlander_core::wire::{Request, Response, StatusReport, WriteRefusal};
+use highlander_core::{
+    BoxFuture, ClientId, Command, IntoKey, Key, KeySpec, Limits, Millis, NodeId, Outcome, Payload,
+    Rejection, RequestHandler, RequestId, Seq, SessionId, Transport,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// A handler registered on this node, with how its key runs.
+pub(crate) struct HandlerEntry {
+    pub(crate) spec: KeySpec,
+    pub(crate) options: TaskOptions,
+    pub(crate) run: BoxedHandler,
+}
+
+/// What the node's loops share.
+pub(crate) struct Shared {
+    pub(crate) id: NodeId,
+    pub(crate) timing: Timing,
+    pub(crate) limits: Limits,
+    pub(crate) raft: RaftNode,
+    pub(crate) applied: Arc<AppliedState>,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) proposer: Proposer,
+    pub(crate) leader: LeaderState,
+    pub(crate) observer: Option<Arc<dyn Observer>>,
+    client: Mutex<ClientId>,
+    lease: watch::Sender<Lease>,
+    handlers: Mutex<BTreeMap<Key, Arc<HandlerEntry>>>,
+    stopping: watch::Sender<bool>,
+    fatal: Mutex<Option<String>>,
+    origin: Instant,
+    requests: RequestIds,
+}
+
+impl Shared {
+    pub(crate) fn now_millis(&self) -> Millis {
+        leader::millis_since(self.origin)
+    }
+
+    pub(crate) fn client(&self) -> ClientId {
+        *self.client.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_client(&self, client: ClientId) {
+        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = client;
+    }
+
+    pub(crate) fn lease(&self) -> Lease {
+        *self.lease.borrow()
+    }
+
+    pub(crate) fn set_lease(&self, lease: Lease) {
+        self.lease.send_replace(lease);
+    }
+
+    pub(crate) fn lease_watch(&self) -> watch::Receiver<Lease> {
+        self.lease.subscribe()
+    }
+
+    pub(crate) fn handlers(&self) -> MutexGuard<'_, BTreeMap<Key, Arc<HandlerEntry>>> {
+        self.handlers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    /// Resolves once the node begins to stop.
+    pub(crate) async fn stopping(&self) {
+        let mut rx = self.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    pub(crate) fn set_fatal(&self, reason: String) {
+        *self.fatal.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+    }
+
+    fn fatal(&self) -> Option<String> {
+        self.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The report `status` returns and peers get for [`Request::Status`].
+    pub(crate) fn status(&self) -> StatusReport {
+        let applied = self.applied.read();
+        let (sessions, keys) = applied.state.report();
+        StatusReport {
+            node: Some(self.id),
+            leader: self.raft.leader_hint(),
+            term: self.raft.term(),
+            applied_index: applied.last_applied.map(|l| l.index).unwrap_or(0),
+            members: self.raft.members(),
+            sessions,
+            keys,
+        }
+    }
+}
+
+/// Request ids for `send`: serials increase, and the floor is the oldest serial still in
+/// flight, below which the state machine may forget its de-duplication records.
+#[derive(Default)]
+struct RequestIds {
+    next: AtomicU64,
+    in_flight: Mutex<BTreeSet<u64>>,
+}
+
+struct InFlight<'a> {
+    ids: &'a RequestIds,
+    serial: u64,
+}
+
+impl RequestIds {
+    fn begin(&self) -> (u64, u64, InFlight<'_>) {
+        let serial = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut set = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        set.insert(serial);
+        let floor = set.first().copied().unwrap_or(serial);
+        (serial, floor, InFlight { ids: self, serial })
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.ids.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.serial);
+    }
+}
+
+/// A member of a highlander cluster.
+///
+/// Cloning is cheap; every clone is the same node. Start one with [`Node::builder`].
+#[derive(Clone)]
+pub struct Node {
+    shared: Arc<Shared>,
+    control: Arc<Control>,
+}
+
+/// What only the owner of the node's lifetime touches.
+struct Control {
+    tasks: Mutex<Option<JoinSet<()>>>,
+    supervisor: mpsc::Sender<SupervisorCommand>,
+    stopped: AtomicBool,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("id", &self.shared.id).finish()
+    }
+}
+
+/// Configures and starts a [`Node`].
+pub struct NodeBuilder {
+    id: Option<NodeId>,
+    peers: Vec<NodeId>,
+    transport: Option<Arc<dyn Transport>>,
+    timing: Timing,
+    limits: Limits,
+    storage: Option<MemStorage>,
+    clock: Arc<dyn WallClock>,
+    observer: Option<Arc<dyn Observer>>,
+}
+
+impl Default for NodeBuilder {
+    fn default() -> Self {
+        NodeBuilder {
+            id: None,
+            peers: Vec::new(),
+            transport: None,
+            timing: Timing::default(),
+            limits: Limits::default(),
+            storage: None,
+            clock: Arc::new(SystemClock),
+            observer: None,
+        }
+    }
+}
+
+/// A configuration that passed validation.
+struct Validated {
+    id: NodeId,
+    peers: BTreeSet<NodeId>,
+    transport: Arc<dyn Transport>,
+}
+
+impl NodeBuilder {
+    /// This node's id, as it appears in the peer list.
+    pub fn id(mut self, id: impl Into<NodeId>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Every node of the cluster, this one included. Every node must be given the same list.
+    pub fn peers<I, P>(mut self, peers: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<NodeId>,
+    {
+        self.peers = peers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The network the node talks over.
+    pub fn transport(mut self, transport: impl Transport) -> Self {
+        self.transport = Some(Arc::new(transport));
+        self
+    }
+
+    /// The timing preset (default: [`Timing::default`]).
+    pub fn timing(mut self, timing: Timing) -> Self {
+        self.timing = timing;
+        self
+    }
+
+    /// The queue limits; every node must use the same.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Keep Raft's log and snapshot in `storage`, which outlives the node: start a node again
+    /// with the same value and it finds what it had (the simulator's restart does this).
+    /// Without it, the node keeps its state in fresh memory and must not be restarted under
+    /// the same id.
+    pub fn storage(mut self, storage: MemStorage) -> Self {
+        self.storage = Some(storage);
+        self
+    }
+
+    /// The wall clock (default: the system's). Only a node's incarnation reads it.
+    pub fn clock(mut self, clock: impl WallClock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// A hook that sees every task start, stop and delivery (used by the simulator).
+    pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    fn validate(&self) -> Result<Validated, ConfigError> {
+        let id = self.id.ok_or(ConfigError::MissingId)?;
+        if self.peers.is_empty() {
+            return Err(ConfigError::NoPeers);
+        }
+        let mut peers = BTreeSet::new();
+        for p in &self.peers {
+            if !peers.insert(*p) {
+                return Err(ConfigError::DuplicatePeer(*p));
+            }
+        }
+        if !peers.contains(&id) {
+            return Err(ConfigError::OwnIdMissing(id));
+        }
+        let transport = self.transport.clone().ok_or(ConfigError::MissingTransport)?;
+        if transport.local_id() != id {
+            return Err(ConfigError::TransportMismatch {
+                transport: transport.local_id(),
+                node: id,
+            });
+        }
+        self.timing.validate()?;
+        self.limits.validate()?;
+        Ok(Validated { id, peers, transport })
+    }
+
+    /// Starts the node: Raft, the transport's server, and the node's loops. It returns at
+    /// once; the node opens its session when a quorum of peers is up (see [`Node::ready`]).
+    pub async fn start(self) -> Result<Node, Error> {
+        let Validated { id, peers, transport } = self.validate()?;
+        let storage = self.storage.unwrap_or_default();
+        let boot = storage.next_boot();
+        // Strictly larger on every start of this node id, whatever the wall clock does.
+        let incarnation = (self.clock.since_epoch().as_micros() as u64).max(1).saturating_add(boot);
+        let applied = AppliedState::new();
+        let raft = RaftNode::start(id, &self.timing, transport.clone(), storage, applied.clone())
+            .await
+            .map_err(Error::Stopped)?;
+        let mut tasks = JoinSet::new();
+        let path = WritePath {
+            raft: raft.clone(),
+            transport: transport.clone(),
+            attempt_timeout: self.timing.election_bound(),
+            retry_pause: self.timing.heartbeat,
+        };
+        let proposer = Proposer::start(path, self.timing.write_timeout, &mut tasks);
+        let (leader, keepalives) = LeaderState::new();
+        let shared = Arc::new(Shared {
+            id,
+            timing: self.timing,
+            limits: self.limits,
+            raft: raft.clone(),
+            applied,
+            transport: transport.clone(),
+            proposer,
+            leader,
+            observer: self.observer,
+            client: Mutex::new(ClientId { node: id, incarnation }),
+            lease: watch::channel(Lease::default()).0,
+            handlers: Mutex::default(),
+            stopping: watch::channel(false).0,
+            fatal: Mutex::default(),
+            origin: Instant::now(),
+            requests: RequestIds::default(),
+        });
+        transport.serve(Arc::new(Inbound { shared: Arc::downgrade(&shared) }))?;
+        raft.initialize(&peers).await.map_err(Error::Stopped)?;
+        let (sup_tx, sup_rx) = mpsc::channel(8);
+        tasks.spawn(leader::confirm_loop(shared.clone(), keepalives));
+        tasks.spawn(leader::duties_loop(shared.clone()));
+        tasks.spawn(session::run(shared.clone()));
+        tasks.spawn(supervisor::run(shared.clone(), sup_rx));
+        info!(node = %id, incarnation, peers = ?peers, "node started");
+        Ok(Node {
+            shared,
+            control: Arc::new(Control {
+                tasks: Mutex::new(Some(tasks)),
+                supervisor: sup_tx,
+                stopped: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+impl Node {
+    /// Starts configuring a node.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.shared.id
+    }
+
+    /// The node's timing.
+    pub fn timing(&self) -> Timing {
+        self.shared.timing
+    }
+
+    fn check_running(&self) -> Result<(), Error> {
+        if let Some(reason) = self.shared.fatal() {
+            return Err(Error::Stopped(reason));
+        }
+        if self.shared.is_stopping() {
+            return Err(Error::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// Waits until the node has a session (it reached a quorum), at most `timeout`.
+    pub async fn ready(&self, timeout: Duration) -> Result<(), Error> {
+        self.check_running()?;
+        match session::wait_for_session(&self.shared, timeout).await {
+            Some(_) => Ok(()),
+            None => Err(self.shared.fatal().map(Error::Stopped).unwrap_or_else(|| {
+                Error::Unavailable(format!("no session within {} ms", timeout.as_millis()))
+            })),
+        }
+    }
+
+    /// Runs `handler` as the singleton task for `key`: on exactly one node of the cluster at a
+    /// time, among the nodes that registered it, moving to another when its owner fails.
+    ///
+    /// Returns once the registration is committed. The handler is called with a fresh
+    /// [`TaskContext`] every time this node becomes the owner.
+    ///
+    /// ```no_run
+    /// # async fn demo(node: highlander::Node) -> Result<(), highlander::Error> {
+    /// node.singleton("irc:#rust", |mut ctx| async move {
+    ///     while let Some(message) = ctx.recv().await {
+    ///         println!("{} got {:?} under token {}", ctx.key(), message.payload, ctx.token());
+    ///     }
+    /// })
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn singleton<K, F, Fut, R>(&self, key: K, handler: F) -> Result<(), Error>
+    where
+        K: IntoKey,
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+        R: TaskResult,
+    {
+        self.register(
+            key.into_key()?,
+            KeySpec::singleton(),
+            TaskOptions::default(),
+            box_handler(handler),
+        )
+        .await
+    }
+
+    /// Like [`singleton`](Self::singleton), with options (restart policy, health deadline,
+    /// inbox capacity).
+    pub async fn singleton_with<K, F, Fut, R>(
+        &self,
+        key: K,
+        options: TaskOptions,
+        handler: F,
+    ) -> Result<(), Error>
+    where
+        K: IntoKey,
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+        R: TaskResult,
+    {
+        self.register(key.into_key()?, KeySpec::singleton(), options, box_handler(handler)).await
+    }
+
+    /// Runs `handler` for `key` on exactly `slots` distinct nodes at a time (each slot has its
+    /// own fencing token). Messages sent to the key go to the owner of slot 0.
+    pub async fn exclusive<K, F, Fut, R>(&self, key: K, slots: u32, handler: F) -> Result<(), Error>
+    where
+        K: IntoKey,
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+        R: TaskResult,
+    {
+        let spec = KeySpec::exclusive(slots);
+        if !spec.is_valid() {
+            return Err(Error::Rejected(Rejection::InvalidSpec));
+        }
+        self.register(key.into_key()?, spec, TaskOptions::default(), box_handler(handler)).await
+    }
+
+    async fn register(
+        &self,
+        key: Key,
+        spec: KeySpec,
+        options: TaskOptions,
+        run: BoxedHandler,
+    ) -> Result<(), Error> {
+        self.check_running()?;
+        {
+            let mut handlers = self.shared.handlers();
+            if handlers.contains_key(&key) {
+                return Err(Error::AlreadyRegistered { key });
+            }
+            handlers.insert(key.clone(), Arc::new(HandlerEntry { spec, options, run }));
+        }
+        let result = self.register_in_cluster(&key, spec).await;
+        if result.is_err() {
+            // Nothing runs a key this node could not register.
+            self.shared.handlers().remove(&key);
+        }
+        result
+    }
+
+    async fn register_in_cluster(&self, key: &Key, spec: KeySpec) -> Result<(), Error> {
+        let timeout = self.shared.timing.write_timeout;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(session) = session::wait_for_session(&self.shared, timeout).await else {
+                return Err(Error::Unavailable(
+                    "no session: the node has not reached a quorum".into(),
+                ));
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let command = Command::Register { session, key: key.clone(), spec };
+            let outcome = self.shared.proposer.write_within(vec![command], remaining).await;
+            match outcome.map(|mut o| o.pop()) {
+                Ok(Some(Outcome::Registered)) => return Ok(()),
+                Ok(Some(Outcome::Rejected(Rejection::SpecConflict { existing }))) => {
+                    return Err(Error::SpecConflict { key: key.clone(), existing });
+                }
+                // The session ended meanwhile; the next one registers all handlers anyway,
+                // but the caller wants to know it is in place.
+                Ok(Some(Outcome::Rejected(Rejection::NoSuchSession)))
+                    if Instant::now() < deadline =>
+                {
+                    self.wait_session_change(session).await;
+                }
+                Ok(Some(other)) => return Err(outcome_error(key, other)),
+                Ok(None) => return Err(Error::Stopped("no outcome".into())),
+                Err(e) => return Err(write_error(e)),
+            }
+        }
+    }
+
+    async fn wait_session_change(&self, old: SessionId) {
+        let mut rx = self.shared.lease_watch();
+        let _ = tokio::time::timeout(
+            self.shared.timing.write_timeout,
+            rx.wait_for(|l| l.session != Some(old)),
+        )
+        .await;
+    }
+
+    /// Sends a message to `key`'s owner, from any node. Returns the message's sequence number
+    /// once it is committed on a quorum: from then on it is delivered at least once, in
+    /// sequence order, to the owner of the key, across failovers.
+    ///
+    /// Fails with a typed error, having queued nothing, when the key is invalid or unknown,
+    /// the payload too large, or the queue full. [`Error::Timeout`] means the outcome is
+    /// unknown.
+    pub async fn send(&self, key: impl IntoKey, payload: impl Into<Payload>) -> Result<Seq, Error> {
+        let key = key.into_key()?;
+        let payload = payload.into();
+        self.check_running()?;
+        let max = {
+            let applied = self.shared.applied.read();
+            applied.state.limits.unwrap_or(self.shared.limits).max_payload_bytes
+        };
+        if payload.len() as u64 > u64::from(max) {
+            return Err(Error::PayloadTooLarge { size: payload.len() as u64, max: u64::from(max) });
+        }
+        let (serial, floor, _guard) = self.shared.requests.begin();
+        let command = Command::Send {
+            key: key.clone(),
+            payload,
+            request: RequestId { client: self.shared.client(), serial },
+            floor,
+        };
+        match self.shared.proposer.write_one(command).await {
+            Ok(Outcome::Sent { seq }) => Ok(seq),
+            Ok(other) => Err(outcome_error(&key, other)),
+            Err(e) => Err(write_error(e)),
+        }
+    }
+
+    /// What this node knows of the cluster: the leader it knows of, live sessions, every key
+    /// with its owners, tokens and queue depth, as of the last entry applied here.
+    pub fn status(&self) -> StatusReport {
+        self.shared.status()
+    }
+
+    /// The fencing tokens of the slots this node's session owns, as applied here.
+    pub fn owned(&self) -> BTreeMap<(Key, u32), highlander_core::Token> {
+        let Some(session) = self.shared.lease().session else { return BTreeMap::new() };
+        let applied = self.shared.applied.read();
+        let Some(s) = applied.state.sessions.get(&session) else { return BTreeMap::new() };
+        s.owned
+            .iter()
+            .filter_map(|(k, slot)| {
+                applied.state.owner(k, *slot).map(|o| ((k.clone(), *slot), o.token))
+            })
+            .collect()
+    }
+
+    /// Leaves the cluster gracefully: stops accepting work, stops every task (waiting at most
+    /// one stop grace), writes their last acknowledgements, closes the session so other nodes
+    /// take the keys over at once, waits (bounded) until they have, then stops Raft and the
+    /// transport.
+    pub async fn shutdown(&self) {
+        if self.control.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shared = &self.shared;
+        info!(node = %shared.id, "shutting down");
+        let owned: Vec<(Key, u32)> = self.owned().into_keys().collect();
+        shared.stopping.send_replace(true);
+        let (reply, rx) = oneshot::channel();
+        let grace = shared.timing.stop_grace();
+        let acks = if self
+            .control
+            .supervisor
+            .send(SupervisorCommand::StopAll { grace, reply })
+            .await
+            .is_ok()
+        {
+            rx.await.unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let session = shared.lease().session;
+        shared.set_lease(Lease::default());
+        if let Some(session) = session {
+            let mut commands = acks;
+            commands.push(Command::CloseSession { session });
+            if let Err(e) = shared.proposer.write(commands).await {
+                warn!(node = %shared.id, error = ?e, "could not close the session; it will expire");
+            } else {
+                self.await_handover(session, &owned).await;
+            }
+        }
+        self.stop_everything().await;
+        info!(node = %shared.id, "stopped");
+    }
+
+    /// Waits until every slot the node owned has another owner or nobody else can take it,
+    /// so that a leaving leader keeps Raft up until the hand-over is committed.
+    async fn await_handover(&self, session: SessionId, owned: &[(Key, u32)]) {
+        let shared = &self.shared;
+        let mut changes = shared.applied.subscribe();
+        let bound = shared.timing.write_timeout;
+        let _ = tokio::time::timeout(bound, async {
+            loop {
+                let done = {
+                    let applied = shared.applied.read();
+                    let st = &applied.state;
+                    owned.iter().all(|(key, slot)| match st.keys.get(key) {
+                        None => true,
+                        Some(k) => {
+                            let others = k.candidates.iter().any(|c| *c != session);
+                            !others || st.owner(key, *slot).is_some_and(|o| o.session != session)
+                        }
+                    })
+                };
+                if done || changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    async fn stop_everything(&self) {
+        let tasks = self.control.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut tasks) = tasks {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        self.shared.raft.shutdown().await;
+        self.shared.transport.shutdown().await;
+    }
+
+    /// Stops the node at once, as if its process were killed: tasks are aborted where they
+    /// stand, nothing is handed over and nothing more is written or sent. Its session expires
+    /// after its TTL. Meant for simulations; a real node would just exit.
+    pub async fn kill(&self) {
+        if self.control.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        warn!(node = %self.shared.id, "killed");
+        self.shared.stopping.send_replace(true);
+        self.shared.set_lease(Lease::default());
+        self.stop_everything().await;
+    }
+}
+
+fn outcome_error(key: &Key, outcome: Outcome) -> Error {
+    match outcome {
+        Outcome::Rejected(Rejection::NoSuchKey) => Error::NoSuchKey { key: key.clone() },
+        Outcome::Rejected(Rejection::QueueFull) => Error::QueueFull { key: key.clone() },
+        Outcome::Rejected(Rejection::StoreFull) => Error::StoreFull,
+        Outcome::Rejected(Rejection::PayloadTooLarge { size, max }) => {
+            Error::PayloadTooLarge { size, max }
+        }
+        Outcome::Rejected(Rejection::SpecConflict { existing }) => {
+            Error::SpecConflict { key: key.clone(), existing }
+        }
+        Outcome::Rejected(r) => Error::Rejected(r),
+        other => Error::Stopped(format!("unexpected outcome {other}")),
+    }
+}
+
+fn write_error(e: WriteError) -> Error {
+    match e {
+        WriteError::Timeout => Error::Timeout,
+        WriteError::Stopped(reason) => Error::Stopped(reason),
+    }
+}
+
+/// Serves what peers ask of this node.
+struct Inbound {
+    shared: Weak<Shared>,
+}
+
+impl RequestHandler for Inbound {
+    fn handle(&self, from: NodeId, request: Request) -> BoxFuture<'static, Response> {
+        let shared = self.shared.upgrade();
+        Box::pin(async move {
+            let Some(shared) = shared else {
+                return Response::Refused("node stopped".into());
+            };
+            match request {
+                Request::Raft(message) => shared.raft.serve(message).await,
+                Request::Write(commands) => {
+                    if shared.is_stopping() {
+                        return Response::Refused("node is shutting down".into());
+                    }
+                    let timeout = shared.timing.election_bound();
+                    Response::Write(match shared.raft.write(commands, timeout).await {
+                        Ok(outcomes) => Ok(outcomes),
+                        Err(LocalWriteError::NotLeader(leader)) => {
+                            Err(WriteRefusal::NotLeader { leader })
+                        }
+                        Err(LocalWriteError::Timeout) => {
+                            Err(WriteRefusal::Unavailable("timed out".into()))
+                        }
+                        Err(LocalWriteError::Stopped(e)) => Err(WriteRefusal::Unavailable(e)),
+                    })
+                }
+                Request::KeepAlive { session, lapsed_ms } => {
+                    let _ = from;
+                    Response::KeepAlive(leader::keepalive(&shared, session, lapsed_ms).await)
+                }
+                Request::Status => Response::Status(Box::new(shared.status())),
+            }
+        })
+    }
+}

@@ -1,0 +1,179 @@
+//! openraft's network, carried over the node's [`Transport`]: each Raft RPC is encoded with
+//! the one codec and sent as a [`Request::Raft`] frame.
+
+use super::TypeConfig;
+use highlander_core::wire::{RaftMessage, Request, Response};
+use highlander_core::{NodeId, Payload, Transport, TransportError, codec};
+use openraft::error::{
+    Fatal, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, ReplicationClosed,
+    StreamingError, Timeout,
+};
+use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{EmptyNode, Snapshot, Vote};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+type RpcResult<T> = Result<T, RPCError<u64, EmptyNode, RaftError<u64>>>;
+
+/// An AppendEntries larger than this is split by openraft (we answer `PayloadTooLarge`).
+const APPEND_BUDGET_BYTES: usize = codec::MAX_FRAME_BYTES / 2;
+
+/// The least time a snapshot transfer is given, whatever openraft's hint says.
+const SNAPSHOT_MIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Creates a [`Peer`] per target, lazily: nothing is dialed here.
+pub(crate) struct Network {
+    transport: Arc<dyn Transport>,
+    backoff: Duration,
+}
+
+impl Network {
+    pub(crate) fn new(transport: Arc<dyn Transport>, heartbeat: Duration) -> Network {
+        Network { transport, backoff: heartbeat }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: u64, _node: &EmptyNode) -> Peer {
+        Peer { transport: self.transport.clone(), target: NodeId(target), backoff: self.backoff }
+    }
+}
+
+/// openraft's connection to one peer.
+pub(crate) struct Peer {
+    transport: Arc<dyn Transport>,
+    target: NodeId,
+    backoff: Duration,
+}
+
+impl Peer {
+    async fn call<Resp: DeserializeOwned>(
+        &self,
+        message: RaftMessage,
+        action: RPCTypes,
+        timeout: Duration,
+    ) -> Result<Resp, CallError> {
+        let from = self.transport.local_id().0;
+        let response = self.transport.request(self.target, Request::Raft(message), timeout).await;
+        match response {
+            Ok(Response::Raft(body)) => codec::decode::<Resp>(body.as_bytes())
+                .map_err(|e| CallError::Network(NetworkError::new(&TransportError::Codec(e)))),
+            Ok(other) => Err(CallError::Network(NetworkError::new(&std::io::Error::other(
+                format!("unexpected response to a Raft request: {}", response_kind(&other)),
+            )))),
+            Err(TransportError::Timeout) => Err(CallError::Timeout(Timeout {
+                action,
+                id: from,
+                target: self.target.0,
+                timeout,
+            })),
+            Err(e) => Err(CallError::Network(NetworkError::new(&e))),
+        }
+    }
+}
+
+pub(crate) fn response_kind(r: &Response) -> &'static str {
+    match r {
+        Response::Raft(_) => "raft",
+        Response::Write(_) => "write",
+        Response::KeepAlive(_) => "keepalive",
+        Response::Status(_) => "status",
+        Response::Refused(_) => "refused",
+    }
+}
+
+enum CallError {
+    Timeout(Timeout<u64>),
+    Network(NetworkError),
+}
+
+impl<E: std::error::Error> From<CallError> for RPCError<u64, EmptyNode, E> {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Timeout(t) => RPCError::Timeout(t),
+            CallError::Network(n) => RPCError::Network(n),
+        }
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Payload, NetworkError> {
+    codec::encode(value).map(Payload::from).map_err(|e| NetworkError::new(&e))
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<u64>> {
+        let entries = rpc.entries.len() as u64;
+        let body = encode(&rpc)?;
+        if body.len() > APPEND_BUDGET_BYTES && entries > 1 {
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(entries / 2)));
+        }
+        let result: Result<AppendEntriesResponse<u64>, RaftError<u64>> = self
+            .call(RaftMessage::AppendEntries(body), RPCTypes::AppendEntries, option.hard_ttl())
+            .await?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target.0, e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<u64>> {
+        let body = encode(&rpc)?;
+        let result: Result<VoteResponse<u64>, RaftError<u64>> =
+            self.call(RaftMessage::Vote(body), RPCTypes::Vote, option.hard_ttl()).await?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target.0, e)))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<u64>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
+        let body = encode(&SnapshotFrame { vote, meta: snapshot.meta, data: *snapshot.snapshot })
+            .map_err(StreamingError::Network)?;
+        let timeout = option.hard_ttl().max(SNAPSHOT_MIN_TIMEOUT);
+        let send = self.call::<Result<SnapshotResponse<u64>, Fatal<u64>>>(
+            RaftMessage::Snapshot(body),
+            RPCTypes::InstallSnapshot,
+            timeout,
+        );
+        tokio::select! {
+            biased;
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            result = send => match result {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(fatal)) => Err(StreamingError::Network(NetworkError::new(&fatal))),
+                Err(CallError::Timeout(t)) => Err(StreamingError::Timeout(t)),
+                Err(CallError::Network(n)) => Err(StreamingError::Network(n)),
+            },
+        }
+    }
+
+    fn backoff(&self) -> Backoff {
+        // Only used after `Unreachable`, which this network never returns; keep it short
+        // anyway so a peer that comes back is replicated to before its election timeout.
+        Backoff::new(std::iter::repeat(self.backoff))
+    }
+}
+
+/// A whole snapshot as it travels: the leader's vote, the snapshot's metadata and its bytes.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct SnapshotFrame {
+    pub(crate) vote: Vote<u64>,
+    pub(crate) meta: openraft::SnapshotMeta<u64, EmptyNode>,
+    pub(crate) data: Vec<u8>,
+}

@@ -1,0 +1,378 @@
+//! The in-memory Raft log and state machine.
+//!
+//! [`MemStorage`] stands for a node's disk: the vote, the log, the committed id and the latest
+//! snapshot live in it and survive a simulated crash and restart of the node. The applied
+//! [`ClusterState`] is volatile, as in a real process: after a restart it is rebuilt from the
+//! snapshot and the committed log, which openraft replays.
+
+// openraft's `StorageError` is large; it is the trait's error type, so it is returned as is.
+#![allow(clippy::result_large_err)]
+
+use super::{LogId, TypeConfig};
+use highlander_core::{ClusterState, Outcome, codec};
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    EmptyNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, RaftLogReader, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StoredMembership, Vote,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tokio::sync::watch;
+
+type StorageResult<T> = Result<T, StorageError<u64>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not turn into a second panic here; the data is still consistent
+    // because every critical section below completes or changes nothing.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn storage_error(subject: ErrorSubject<u64>, verb: ErrorVerb, msg: String) -> StorageError<u64> {
+    StorageError::from_io_error(subject, verb, std::io::Error::other(msg))
+}
+
+/// A node's durable storage kept in memory: hand the same value to a restarted node (as the
+/// simulator does) and it finds its vote, log and snapshot as a disk would have kept them.
+#[derive(Clone, Default)]
+pub struct MemStorage {
+    disk: Arc<Mutex<Disk>>,
+}
+
+impl std::fmt::Debug for MemStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = lock(&self.disk);
+        f.debug_struct("MemStorage")
+            .field("log_entries", &d.log.len())
+            .field("boots", &d.boots)
+            .finish()
+    }
+}
+
+impl MemStorage {
+    /// Empty storage, as on a node's first start.
+    pub fn new() -> MemStorage {
+        MemStorage::default()
+    }
+
+    /// Counts a start of the node and returns the count (1 on the first start).
+    pub(crate) fn next_boot(&self) -> u64 {
+        let mut d = lock(&self.disk);
+        d.boots += 1;
+        d.boots
+    }
+
+    /// The number of log entries held (after compaction).
+    pub fn log_len(&self) -> usize {
+        lock(&self.disk).log.len()
+    }
+}
+
+#[derive(Default)]
+struct Disk {
+    vote: Option<Vote<u64>>,
+    committed: Option<LogId>,
+    last_purged: Option<LogId>,
+    log: BTreeMap<u64, Entry<TypeConfig>>,
+    snapshot: Option<StoredSnapshot>,
+    boots: u64,
+}
+
+#[derive(Clone)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<u64, EmptyNode>,
+    data: Vec<u8>,
+}
+
+/// The log half of the store. Clones share the same storage (openraft's replication tasks
+/// read through clones).
+#[derive(Clone)]
+pub(crate) struct LogStore {
+    storage: MemStorage,
+}
+
+impl LogStore {
+    pub(crate) fn new(storage: MemStorage) -> LogStore {
+        LogStore { storage }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let d = lock(&self.storage.disk);
+        Ok(d.log.range(range).map(|(_, e)| e.clone()).collect())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let d = lock(&self.storage.disk);
+        let last = d.log.values().next_back().map(|e| e.log_id).or(d.last_purged);
+        Ok(LogState { last_purged_log_id: d.last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> StorageResult<()> {
+        lock(&self.storage.disk).vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<u64>>> {
+        Ok(lock(&self.storage.disk).vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> StorageResult<()> {
+        lock(&self.storage.disk).committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId>> {
+        Ok(lock(&self.storage.disk).committed)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        {
+            let mut d = lock(&self.storage.disk);
+            for e in entries {
+                d.log.insert(e.log_id.index, e);
+            }
+        }
+        // Memory is "durable" as soon as it is written.
+        callback.log_io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> StorageResult<()> {
+        let mut d = lock(&self.storage.disk);
+        let _ = d.log.split_off(&log_id.index);
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> StorageResult<()> {
+        let mut d = lock(&self.storage.disk);
+        // The purge point is recorded first, so the log state stays correct if the log
+        // becomes empty.
+        d.last_purged = Some(log_id);
+        let keep = d.log.split_off(&(log_id.index + 1));
+        d.log = keep;
+        Ok(())
+    }
+}
+
+/// What a snapshot file holds.
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    version: u32,
+    state: ClusterState,
+}
+
+const SNAPSHOT_VERSION: u32 = 1;
+
+/// The applied state, shared between the state machine (the only writer) and the runtime's
+/// readers (supervisor, leader duties, status).
+pub(crate) struct Applied {
+    pub(crate) state: ClusterState,
+    pub(crate) last_applied: Option<LogId>,
+    pub(crate) membership: StoredMembership<u64, EmptyNode>,
+}
+
+/// The applied state behind a lock, plus a watch that ticks with the applied index.
+pub(crate) struct AppliedState {
+    inner: RwLock<Applied>,
+    index: watch::Sender<u64>,
+}
+
+impl AppliedState {
+    pub(crate) fn new() -> Arc<AppliedState> {
+        Arc::new(AppliedState {
+            inner: RwLock::new(Applied {
+                state: ClusterState::new(),
+                last_applied: None,
+                membership: StoredMembership::default(),
+            }),
+            index: watch::channel(0).0,
+        })
+    }
+
+    /// Reads the applied state. Hold the guard briefly and never across an await.
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Applied> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Applied> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A receiver that is notified whenever something is applied.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.index.subscribe()
+    }
+
+    fn notify(&self, index: u64) {
+        self.index.send_replace(index);
+    }
+}
+
+/// The state machine half of the store.
+pub(crate) struct StateMachine {
+    storage: MemStorage,
+    applied: Arc<AppliedState>,
+}
+
+impl StateMachine {
+    /// Opens the state machine over `storage`, rebuilding the applied state from its
+    /// snapshot if it has one.
+    pub(crate) fn open(
+        storage: MemStorage,
+        applied: Arc<AppliedState>,
+    ) -> StorageResult<StateMachine> {
+        let snapshot = lock(&storage.disk).snapshot.clone();
+        if let Some(s) = snapshot {
+            let body = decode_snapshot(&s.meta, &s.data)?;
+            let mut a = applied.write();
+            a.state = body.state;
+            a.last_applied = s.meta.last_log_id;
+            a.membership = s.meta.last_membership.clone();
+        }
+        Ok(StateMachine { storage, applied })
+    }
+}
+
+fn decode_snapshot(
+    meta: &SnapshotMeta<u64, EmptyNode>,
+    data: &[u8],
+) -> StorageResult<SnapshotBody> {
+    let body: SnapshotBody = codec::decode_snapshot(data).map_err(|e| {
+        storage_error(
+            ErrorSubject::Snapshot(Some(meta.signature())),
+            ErrorVerb::Read,
+            format!("snapshot does not decode: {e}"),
+        )
+    })?;
+    if body.version != SNAPSHOT_VERSION {
+        return Err(storage_error(
+            ErrorSubject::Snapshot(Some(meta.signature())),
+            ErrorVerb::Read,
+            format!("snapshot format version {} is not {SNAPSHOT_VERSION}", body.version),
+        ));
+    }
+    Ok(body)
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId>, StoredMembership<u64, EmptyNode>)> {
+        let a = self.applied.read();
+        Ok((a.last_applied, a.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Vec<Outcome>>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut out = Vec::new();
+        let index = {
+            let mut a = self.applied.write();
+            for entry in entries {
+                a.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => out.push(Vec::new()),
+                    EntryPayload::Normal(batch) => {
+                        out.push(a.state.apply_entry(entry.log_id.leader_id.term, &batch.0))
+                    }
+                    EntryPayload::Membership(m) => {
+                        a.membership = StoredMembership::new(Some(entry.log_id), m);
+                        out.push(Vec::new());
+                    }
+                }
+            }
+            a.last_applied.map(|l| l.index).unwrap_or(0)
+        };
+        self.applied.notify(index);
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { storage: self.storage.clone(), applied: self.applied.clone() }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Vec<u8>>> {
+        Ok(Box::default())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, EmptyNode>,
+        snapshot: Box<Vec<u8>>,
+    ) -> StorageResult<()> {
+        // Decode and check before anything is replaced: a bad snapshot changes nothing.
+        let body = decode_snapshot(meta, &snapshot)?;
+        let index = {
+            let mut a = self.applied.write();
+            a.state = body.state;
+            a.last_applied = meta.last_log_id;
+            a.membership = meta.last_membership.clone();
+            a.last_applied.map(|l| l.index).unwrap_or(0)
+        };
+        lock(&self.storage.disk).snapshot =
+            Some(StoredSnapshot { meta: meta.clone(), data: *snapshot });
+        self.applied.notify(index);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let s = lock(&self.storage.disk).snapshot.clone();
+        Ok(s.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(s.data) }))
+    }
+}
+
+/// Builds snapshots from a copy of the applied state, so `apply` is not held up while the
+/// copy is encoded.
+pub(crate) struct SnapshotBuilder {
+    storage: MemStorage,
+    applied: Arc<AppliedState>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let (state, last_applied, membership) = {
+            let a = self.applied.read();
+            (a.state.clone(), a.last_applied, a.membership.clone())
+        };
+        let data =
+            codec::encode(&SnapshotBody { version: SNAPSHOT_VERSION, state }).map_err(|e| {
+                storage_error(
+                    ErrorSubject::StateMachine,
+                    ErrorVerb::Write,
+                    format!("encode snapshot: {e}"),
+                )
+            })?;
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
+            None => "empty".to_string(),
+        };
+        let meta =
+            SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
+        lock(&self.storage.disk).snapshot =
+            Some(StoredSnapshot { meta: meta.clone(), data: data.clone() });
+        Ok(Snapshot { meta, snapshot: Box::new(data) })
+    }
+}

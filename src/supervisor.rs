@@ -1,0 +1,568 @@
+//! The task supervisor: runs a handler for every slot this node's session owns while its
+//! lease holds, and stops it otherwise.
+//!
+//! A task is asked to stop (cancelled) when its slot is no longer this node's in the applied
+//! state, or one stop grace before the lease deadline; it is aborted when the grace ends and
+//! at the lease deadline at the latest. The leader gives the slot to another node no earlier
+//! than `2 × margin` after that deadline, so the old task has stopped before the new one runs.
+
+use crate::node::{HandlerEntry, Shared};
+use crate::proposer::WriteError;
+use crate::task::{Lease, RestartPolicy, TaskContext, TaskProgress};
+use highlander_core::{Command, Key, Message, Outcome, Seq, Token};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::{AbortHandle, Id, JoinSet};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+/// How many messages the delivery loop reads from the applied state at a time.
+const DELIVERY_CHUNK: usize = 64;
+/// How long acknowledgements gather before they are written together.
+const ACK_DELAY: Duration = Duration::from_millis(2);
+
+/// Requests from the node's API to the supervisor.
+pub(crate) enum SupervisorCommand {
+    /// Stop every task (cancel, then abort after `grace`), run no more, and answer with the
+    /// acknowledgements still to be written.
+    StopAll { grace: Duration, reply: oneshot::Sender<Vec<Command>> },
+}
+
+type SlotId = (Key, u32);
+
+struct Running {
+    token: Token,
+    abort: AbortHandle,
+    cancel: watch::Sender<bool>,
+    /// Kept so that `recv` on a slot that gets no messages waits instead of ending.
+    _inbox: mpsc::Sender<Message>,
+    delivery: Option<AbortHandle>,
+    progress: Arc<TaskProgress>,
+    started: Instant,
+    stopping: Option<Stopping>,
+}
+
+struct Stopping {
+    abort_at: Instant,
+    then: AfterStop,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum AfterStop {
+    /// The slot is not ours any more (or the lease is lapsing): nothing to write.
+    Nothing,
+    /// Give the slot up.
+    Release { hand_over: bool },
+    /// The handler ended by itself: restart it after a backoff (same token).
+    Restart,
+}
+
+struct Backoff {
+    until: Instant,
+    next: Duration,
+}
+
+/// The supervisor's state, owned by its loop.
+struct Supervisor {
+    shared: Arc<Shared>,
+    tasks: JoinSet<Option<String>>,
+    deliveries: JoinSet<()>,
+    running: BTreeMap<SlotId, Running>,
+    by_id: BTreeMap<Id, SlotId>,
+    backoff: BTreeMap<(SlotId, Token), Backoff>,
+    /// Tokens this node gave up; never run again.
+    given_up: BTreeSet<Token>,
+    /// Releases being written, so they are not written twice at once.
+    releasing: Arc<std::sync::Mutex<BTreeSet<Token>>>,
+    acker: Arc<Notify>,
+    stopped: bool,
+    /// Acknowledgements of tasks stopped by `stop_all`, for the final write.
+    final_acks: Vec<Command>,
+}
+
+pub(crate) async fn run(shared: Arc<Shared>, mut commands: mpsc::Receiver<SupervisorCommand>) {
+    let acker = Arc::new(Notify::new());
+    let mut s = Supervisor {
+        shared: shared.clone(),
+        tasks: JoinSet::new(),
+        deliveries: JoinSet::new(),
+        running: BTreeMap::new(),
+        by_id: BTreeMap::new(),
+        backoff: BTreeMap::new(),
+        given_up: BTreeSet::new(),
+        releasing: Arc::default(),
+        acker: acker.clone(),
+        stopped: false,
+        final_acks: Vec::new(),
+    };
+    let mut applied = shared.applied.subscribe();
+    let mut lease = shared.lease_watch();
+    let mut ack_timer: Option<Instant> = None;
+    loop {
+        s.reconcile();
+        let wake = s.next_wake(*lease.borrow());
+        let ack_at = ack_timer.unwrap_or(Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            biased;
+            cmd = commands.recv() => match cmd {
+                Some(SupervisorCommand::StopAll { grace, reply }) => {
+                    let acks = s.stop_all(grace).await;
+                    let _ = reply.send(acks);
+                }
+                None => return,
+            },
+            Some(done) = s.tasks.join_next_with_id() => s.finished(done),
+            Some(_) = s.deliveries.join_next() => {}
+            changed = lease.changed() => if changed.is_err() { return },
+            changed = applied.changed() => if changed.is_err() { return },
+            _ = acker.notified(), if ack_timer.is_none() => {
+                ack_timer = Some(Instant::now() + ACK_DELAY);
+            }
+            _ = tokio::time::sleep_until(ack_at), if ack_timer.is_some() => {
+                ack_timer = None;
+                s.flush_acks();
+            }
+            _ = sleep_until_opt(wake) => {}
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Supervisor {
+    /// The slots this node may run now, with their tokens.
+    fn desired(&self, lease: &Lease, now: Instant) -> BTreeMap<SlotId, Token> {
+        let mut out = BTreeMap::new();
+        if self.stopped || self.shared.is_stopping() {
+            return out;
+        }
+        let Some(session) = lease.session else { return out };
+        // Stop asking tasks to run one grace before the lease runs out.
+        match lease.deadline {
+            Some(d) if now + self.shared.timing.stop_grace() < d => {}
+            _ => return out,
+        }
+        let applied = self.shared.applied.read();
+        let Some(s) = applied.state.sessions.get(&session) else { return out };
+        for (key, slot) in &s.owned {
+            if let Some(owner) = applied.state.owner(key, *slot) {
+                if owner.session == session && !self.given_up.contains(&owner.token) {
+                    out.insert((key.clone(), *slot), owner.token);
+                }
+            }
+        }
+        out
+    }
+
+    fn reconcile(&mut self) {
+        let now = Instant::now();
+        let lease = self.shared.lease();
+        let desired = self.desired(&lease, now);
+        let grace = self.shared.timing.stop_grace();
+
+        // Stop what must not run.
+        for (slot_id, r) in self.running.iter_mut() {
+            let keep = desired.get(slot_id) == Some(&r.token);
+            if keep || r.stopping.is_some() {
+                if !keep {
+                    if let (Some(st), Some(d)) = (r.stopping.as_mut(), lease.deadline) {
+                        // Never past the lease deadline.
+                        st.abort_at = st.abort_at.min(d);
+                    } else if lease.deadline.is_none() {
+                        if let Some(st) = r.stopping.as_mut() {
+                            st.abort_at = now;
+                        }
+                    }
+                }
+                continue;
+            }
+            let abort_at = match lease.deadline {
+                Some(d) => (now + grace).min(d),
+                None => now,
+            };
+            info!(node = %self.shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, "stopping task");
+            let _ = r.cancel.send(true);
+            r.stopping = Some(Stopping { abort_at, then: AfterStop::Nothing });
+        }
+        let due: Vec<SlotId> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.stopping.as_ref().is_some_and(|st| st.abort_at <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for slot_id in due {
+            if let Some(r) = self.running.get(&slot_id) {
+                warn!(node = %self.shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, "task did not stop in its grace period; aborting");
+                r.abort.abort();
+            }
+        }
+
+        // Health deadlines.
+        let handlers = self.shared.handlers().clone();
+        for (slot_id, r) in self.running.iter_mut() {
+            if r.stopping.is_some() {
+                continue;
+            }
+            let Some(h) = handlers.get(&slot_id.0) else { continue };
+            if let Some(limit) = h.options.health_deadline {
+                if r.progress.last_beat() + limit <= now {
+                    warn!(node = %self.shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, "task missed its health deadline; handing the slot over");
+                    let _ = r.cancel.send(true);
+                    r.stopping = Some(Stopping {
+                        abort_at: now + grace,
+                        then: AfterStop::Release { hand_over: true },
+                    });
+                }
+            }
+        }
+
+        // Start what should run.
+        self.backoff.retain(|(slot_id, token), _| desired.get(slot_id) == Some(token));
+        for (slot_id, token) in &desired {
+            if self.running.contains_key(slot_id) {
+                continue;
+            }
+            if self.backoff.get(&(slot_id.clone(), *token)).is_some_and(|b| b.until > now) {
+                continue;
+            }
+            match handlers.get(&slot_id.0) {
+                Some(h) => self.start(slot_id.clone(), *token, h.clone(), &lease),
+                None => {
+                    // Assigned a key this node no longer handles: give it back.
+                    self.given_up.insert(*token);
+                    self.release(slot_id.clone(), *token, true, None);
+                }
+            }
+        }
+
+        // Forget given-up tokens the state no longer shows as ours.
+        if !self.given_up.is_empty() {
+            let applied = self.shared.applied.read();
+            let session = lease.session;
+            let still: BTreeSet<Token> = session
+                .and_then(|s| applied.state.sessions.get(&s))
+                .map(|s| {
+                    s.owned
+                        .iter()
+                        .filter_map(|(k, slot)| applied.state.owner(k, *slot))
+                        .map(|o| o.token)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let releasing = self.releasing.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            self.given_up.retain(|t| still.contains(t) || releasing.contains(t));
+        }
+    }
+
+    fn next_wake(&self, lease: Lease) -> Option<Instant> {
+        let grace = self.shared.timing.stop_grace();
+        let mut wake: Option<Instant> = None;
+        let mut at = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
+        if let Some(d) = lease.deadline {
+            if !self.running.is_empty() {
+                at(d.checked_sub(grace).unwrap_or(d));
+                at(d);
+            }
+        }
+        for r in self.running.values() {
+            if let Some(st) = &r.stopping {
+                at(st.abort_at);
+            }
+        }
+        for b in self.backoff.values() {
+            at(b.until);
+        }
+        let handlers = self.shared.handlers().clone();
+        for (slot_id, r) in &self.running {
+            if let Some(limit) = handlers.get(&slot_id.0).and_then(|h| h.options.health_deadline) {
+                at(r.progress.last_beat() + limit);
+            }
+        }
+        // Wake at or after the instant, never before it.
+        wake.map(|w| w.max(Instant::now()))
+    }
+
+    fn start(&mut self, slot_id: SlotId, token: Token, handler: Arc<HandlerEntry>, lease: &Lease) {
+        let shared = &self.shared;
+        let Some(session) = lease.session else { return };
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        let (inbox_tx, inbox_rx) = mpsc::channel(handler.options.inbox_capacity.max(1));
+        let progress = Arc::new(TaskProgress::new(Instant::now(), self.acker.clone()));
+        let ctx = TaskContext {
+            node: shared.id,
+            key: slot_id.0.clone(),
+            slot: slot_id.1,
+            token,
+            session,
+            cancel: cancel_rx,
+            inbox: inbox_rx,
+            lease: shared.lease_watch(),
+            progress: progress.clone(),
+            observer: shared.observer.clone(),
+            last_taken: None,
+        };
+        let span = info_span!("task", node = %shared.id, key = %slot_id.0, slot = slot_id.1, token = %token);
+        info!(parent: &span, "starting task");
+        if let Some(o) = &shared.observer {
+            o.task_started(shared.id, &slot_id.0, slot_id.1, token);
+        }
+        let fut = (handler.run)(ctx);
+        let abort = self.tasks.spawn(fut.instrument(span.clone()));
+        self.by_id.insert(abort.id(), slot_id.clone());
+        let delivery = (slot_id.1 == 0).then(|| {
+            self.deliveries.spawn(
+                deliver(shared.clone(), slot_id.0.clone(), token, inbox_tx.clone())
+                    .instrument(span),
+            )
+        });
+        self.running.insert(
+            slot_id,
+            Running {
+                token,
+                abort,
+                cancel: cancel_tx,
+                _inbox: inbox_tx,
+                delivery,
+                progress,
+                started: Instant::now(),
+                stopping: None,
+            },
+        );
+    }
+
+    /// A task's future ended (returned, panicked or was aborted).
+    fn finished(&mut self, done: Result<(Id, Option<String>), tokio::task::JoinError>) {
+        let (id, outcome) = match done {
+            Ok((id, err)) => (
+                id,
+                match err {
+                    None => "returned".to_string(),
+                    Some(e) => format!("returned an error: {e}"),
+                },
+            ),
+            Err(e) if e.is_panic() => (e.id(), "panicked".to_string()),
+            Err(e) => (e.id(), "was aborted".to_string()),
+        };
+        let Some(slot_id) = self.by_id.remove(&id) else { return };
+        let Some(r) = self.running.remove(&slot_id) else { return };
+        if let Some(d) = &r.delivery {
+            d.abort();
+        }
+        let shared = self.shared.clone();
+        if let Some(o) = &shared.observer {
+            o.task_stopped(shared.id, &slot_id.0, slot_id.1, r.token);
+        }
+        let then = match &r.stopping {
+            Some(st) => st.then,
+            None if self.stopped || shared.is_stopping() => AfterStop::Nothing,
+            None => match shared.handlers().get(&slot_id.0).map(|h| h.options.restart) {
+                Some(RestartPolicy::HandOver) | None => AfterStop::Release { hand_over: true },
+                Some(RestartPolicy::InPlace { .. }) => AfterStop::Restart,
+            },
+        };
+        if outcome == "panicked" || outcome.starts_with("returned an error") {
+            error!(node = %shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, "task {outcome}");
+        } else {
+            info!(node = %shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, "task {outcome}");
+        }
+        match then {
+            AfterStop::Nothing => {}
+            AfterStop::Restart => {
+                let Some(RestartPolicy::InPlace { min, max }) =
+                    shared.handlers().get(&slot_id.0).map(|h| h.options.restart)
+                else {
+                    return;
+                };
+                let key = (slot_id.clone(), r.token);
+                let ran = r.started.elapsed();
+                let delay = match self.backoff.get(&key) {
+                    Some(b) if ran < max => b.next,
+                    _ => min,
+                };
+                info!(node = %shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, backoff_ms = delay.as_millis() as u64, "restarting in place");
+                self.backoff.insert(
+                    key,
+                    Backoff { until: Instant::now() + delay, next: (delay * 2).min(max) },
+                );
+            }
+            AfterStop::Release { hand_over } => {
+                self.given_up.insert(r.token);
+                let ack = pending_ack(&slot_id, r.token, &r.progress);
+                self.release(slot_id, r.token, hand_over, ack);
+            }
+        }
+    }
+
+    /// Writes `[ack?, Release]` in the background, retrying until it lands or the slot is no
+    /// longer ours.
+    fn release(&self, slot_id: SlotId, token: Token, hand_over: bool, ack: Option<Command>) {
+        {
+            let mut releasing = self.releasing.lock().unwrap_or_else(|e| e.into_inner());
+            if !releasing.insert(token) {
+                return;
+            }
+        }
+        let shared = self.shared.clone();
+        let releasing = self.releasing.clone();
+        let mut commands: Vec<Command> = ack.into_iter().collect();
+        commands.push(Command::Release {
+            key: slot_id.0.clone(),
+            slot: slot_id.1,
+            token,
+            hand_over,
+        });
+        tokio::spawn(async move {
+            loop {
+                match shared.proposer.write(commands.clone()).await {
+                    Ok(_) => break,
+                    Err(WriteError::Stopped(_)) => break,
+                    Err(WriteError::Timeout) => {
+                        let still_ours = shared
+                            .applied
+                            .read()
+                            .state
+                            .owner(&slot_id.0, slot_id.1)
+                            .map(|o| o.token)
+                            == Some(token);
+                        if !still_ours {
+                            break;
+                        }
+                    }
+                }
+            }
+            releasing.lock().unwrap_or_else(|e| e.into_inner()).remove(&token);
+        });
+    }
+
+    /// Writes the acknowledgements running tasks have made since the last write.
+    fn flush_acks(&self) {
+        let acks: Vec<(Command, Arc<TaskProgress>, u64)> = self
+            .running
+            .iter()
+            .filter_map(|(slot_id, r)| {
+                let upto = r.progress.ack_upto.load(Ordering::Acquire);
+                pending_ack(slot_id, r.token, &r.progress).map(|c| (c, r.progress.clone(), upto))
+            })
+            .collect();
+        if acks.is_empty() {
+            return;
+        }
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let commands: Vec<Command> = acks.iter().map(|(c, _, _)| c.clone()).collect();
+            match shared.proposer.write(commands).await {
+                Ok(outcomes) => {
+                    for ((_, progress, upto), o) in acks.iter().zip(outcomes) {
+                        if matches!(o, Outcome::Acked { .. }) {
+                            progress.ack_committed.fetch_max(*upto, Ordering::AcqRel);
+                        }
+                    }
+                }
+                Err(e) => {
+                    debug!(node = %shared.id, error = ?e, "ack write failed; will retry with the next ack")
+                }
+            }
+            // Anything acknowledged meanwhile goes out with the next notification.
+            if acks.iter().any(|(_, p, upto)| p.ack_upto.load(Ordering::Acquire) > *upto) {
+                if let Some((_, p, _)) = acks.first() {
+                    p.acker.notify_one();
+                }
+            }
+        });
+    }
+
+    /// Cancels every task, waits up to `grace`, aborts the rest, and returns the
+    /// acknowledgements not yet written. No task runs afterwards.
+    async fn stop_all(&mut self, grace: Duration) -> Vec<Command> {
+        self.stopped = true;
+        for r in self.running.values() {
+            let _ = r.cancel.send(true);
+        }
+        let deadline = Instant::now() + grace;
+        while !self.running.is_empty() {
+            tokio::select! {
+                Some(done) = self.tasks.join_next_with_id() => {
+                    // Capture the ack before the entry disappears.
+                    let slot = match &done {
+                        Ok((id, _)) => self.by_id.get(id).cloned(),
+                        Err(e) => self.by_id.get(&e.id()).cloned(),
+                    };
+                    let ack = slot.as_ref().and_then(|s| self.running.get(s).and_then(|r| pending_ack(s, r.token, &r.progress)));
+                    self.finished(done);
+                    if let Some(a) = ack {
+                        self.final_acks.push(a);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    for r in self.running.values() {
+                        r.abort.abort();
+                    }
+                }
+            }
+        }
+        std::mem::take(&mut self.final_acks)
+    }
+}
+
+impl Drop for Supervisor {
+    /// The node was killed (its loops aborted): every task is aborted with the supervisor's
+    /// task sets, and reported stopped now, when it stops running.
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+        self.deliveries.abort_all();
+        if let Some(o) = &self.shared.observer {
+            for ((key, slot), r) in &self.running {
+                o.task_stopped(self.shared.id, key, *slot, r.token);
+            }
+        }
+        self.running.clear();
+    }
+}
+
+fn pending_ack(slot_id: &SlotId, token: Token, progress: &TaskProgress) -> Option<Command> {
+    let upto = progress.ack_upto.load(Ordering::Acquire);
+    (upto > progress.ack_committed.load(Ordering::Acquire)).then(|| Command::Ack {
+        key: slot_id.0.clone(),
+        token,
+        upto: Seq(upto),
+    })
+}
+
+/// Feeds the task's inbox from the key's queue in the applied state, in sequence order,
+/// starting at the first unacknowledged message.
+async fn deliver(shared: Arc<Shared>, key: Key, token: Token, inbox: mpsc::Sender<Message>) {
+    let mut changes = shared.applied.subscribe();
+    let mut next: Option<Seq> = None;
+    loop {
+        let chunk: Vec<Message> = {
+            let applied = shared.applied.read();
+            match applied.state.keys.get(&key) {
+                Some(k) if k.slots.first().copied().flatten().map(|o| o.token) == Some(token) => {
+                    let from = *next.get_or_insert(k.queue.head().unwrap_or(Seq(k.queue.next_seq)));
+                    k.queue.messages_from(from, DELIVERY_CHUNK).cloned().collect()
+                }
+                _ => Vec::new(),
+            }
+        };
+        if chunk.is_empty() {
+            if changes.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        for m in chunk {
+            next = Some(Seq(m.seq.0 + 1));
+            if inbox.send(m).await.is_err() {
+                return;
+            }
+        }
+    }
+}

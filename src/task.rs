@@ -1,0 +1,242 @@
+//! What a task sees: its [`TaskContext`], and the options that say how it is run.
+
+use crate::observer::Observer;
+use highlander_core::{Key, Message, NodeId, Seq, SessionId, Token};
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+
+/// What the node's session keeper publishes: the live session and until when the node may
+/// act as the owner of what the session owns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Lease {
+    pub(crate) session: Option<SessionId>,
+    /// Renewed keepalive send time + TTL − margin; `None` until the first renewal.
+    pub(crate) deadline: Option<Instant>,
+}
+
+impl Lease {
+    pub(crate) fn valid_at(&self, session: SessionId, now: Instant) -> bool {
+        self.session == Some(session) && self.deadline.is_some_and(|d| now < d)
+    }
+}
+
+/// What happens when a task's handler returns or panics while the node still owns its slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// Run the handler again on this node, with the same token, after a backoff that doubles
+    /// from `min` to `max` (and starts again from `min` once a run lasted longer than `max`).
+    InPlace {
+        /// The first backoff.
+        min: Duration,
+        /// The longest backoff.
+        max: Duration,
+    },
+    /// Release the slot so the leader gives it to another node if one can take it.
+    HandOver,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy::InPlace { min: Duration::from_millis(100), max: Duration::from_secs(10) }
+    }
+}
+
+/// How a task is run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskOptions {
+    /// What to do when the handler returns or panics.
+    pub restart: RestartPolicy,
+    /// If set, the handler must call [`TaskContext::heartbeat`] at least this often; when it
+    /// misses the deadline the task is stopped and its slot handed over.
+    pub health_deadline: Option<Duration>,
+    /// How many delivered messages may wait in the task's inbox.
+    pub inbox_capacity: usize,
+}
+
+impl Default for TaskOptions {
+    fn default() -> Self {
+        TaskOptions { restart: RestartPolicy::default(), health_deadline: None, inbox_capacity: 64 }
+    }
+}
+
+/// What a handler may return: `()` or a `Result` whose error is logged.
+pub trait TaskResult: Send + 'static {
+    /// The error text, if the run failed.
+    fn into_error(self) -> Option<String>;
+}
+
+impl TaskResult for () {
+    fn into_error(self) -> Option<String> {
+        None
+    }
+}
+
+impl<E: Display + Send + 'static> TaskResult for Result<(), E> {
+    fn into_error(self) -> Option<String> {
+        self.err().map(|e| e.to_string())
+    }
+}
+
+pub(crate) type BoxedHandler =
+    Arc<dyn Fn(TaskContext) -> highlander_core::BoxFuture<'static, Option<String>> + Send + Sync>;
+
+/// Boxes a user's handler closure.
+pub(crate) fn box_handler<F, Fut, R>(handler: F) -> BoxedHandler
+where
+    F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = R> + Send + 'static,
+    R: TaskResult,
+{
+    Arc::new(move |ctx| {
+        let fut = handler(ctx);
+        Box::pin(async move { fut.await.into_error() })
+    })
+}
+
+/// Shared between a running task's context and the supervisor: how far the task has
+/// acknowledged, and when it last reported health.
+pub(crate) struct TaskProgress {
+    /// The highest sequence number the task has acknowledged (0: none).
+    pub(crate) ack_upto: AtomicU64,
+    /// The highest sequence number an `Ack` was committed for.
+    pub(crate) ack_committed: AtomicU64,
+    pub(crate) last_beat: Mutex<Instant>,
+    pub(crate) acker: Arc<Notify>,
+}
+
+impl TaskProgress {
+    pub(crate) fn new(now: Instant, acker: Arc<Notify>) -> TaskProgress {
+        TaskProgress {
+            ack_upto: AtomicU64::new(0),
+            ack_committed: AtomicU64::new(0),
+            last_beat: Mutex::new(now),
+            acker,
+        }
+    }
+
+    fn ack(&self, seq: Seq) {
+        if self.ack_upto.fetch_max(seq.0, Ordering::AcqRel) < seq.0 {
+            self.acker.notify_one();
+        }
+    }
+
+    pub(crate) fn last_beat(&self) -> Instant {
+        *self.last_beat.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running task's view of its ownership and its messages.
+///
+/// The context is valid for one run of the handler. Check [`still_owner`](Self::still_owner)
+/// (or compare [`token`](Self::token) downstream) before a side effect that must not happen
+/// twice: a process pause can outlast any lease.
+pub struct TaskContext {
+    pub(crate) node: NodeId,
+    pub(crate) key: Key,
+    pub(crate) slot: u32,
+    pub(crate) token: Token,
+    pub(crate) session: SessionId,
+    pub(crate) cancel: watch::Receiver<bool>,
+    pub(crate) inbox: mpsc::Receiver<Message>,
+    pub(crate) lease: watch::Receiver<Lease>,
+    pub(crate) progress: Arc<TaskProgress>,
+    pub(crate) observer: Option<Arc<dyn Observer>>,
+    pub(crate) last_taken: Option<Seq>,
+}
+
+impl TaskContext {
+    /// The key this task runs.
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    /// Which slot of the key (always 0 for a singleton).
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// The fencing token of this ownership: larger than the token of every earlier owner of
+    /// the slot. Pass it to downstream systems so they can refuse a stale owner.
+    pub fn token(&self) -> Token {
+        self.token
+    }
+
+    /// The node running the task.
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    /// Whether the task has been asked to stop.
+    pub fn is_cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+
+    /// Resolves when the task is asked to stop (its slot was released or reassigned, the
+    /// node's lease is about to lapse, or the node shuts down). The task is aborted if it has
+    /// not returned by the end of the grace period.
+    pub async fn cancelled(&self) {
+        let mut rx = self.cancel.clone();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Whether the node still holds a valid lease for this ownership and the task has not
+    /// been asked to stop. Cheap: reads local state only.
+    pub fn still_owner(&self) -> bool {
+        !self.is_cancelled() && self.lease.borrow().valid_at(self.session, Instant::now())
+    }
+
+    /// The next message for this key, in sequence order; `None` once the task is asked to
+    /// stop. Calling it acknowledges the message returned by the previous call.
+    ///
+    /// Messages are delivered at least once: a message taken but not acknowledged when the
+    /// owner fails is delivered again to the next owner. Only slot 0 of a key receives
+    /// messages; other slots wait here until cancelled.
+    pub async fn recv(&mut self) -> Option<Message> {
+        if let Some(prev) = self.last_taken {
+            self.progress.ack(prev);
+        }
+        if self.is_cancelled() {
+            return None;
+        }
+        let message = tokio::select! {
+            biased;
+            _ = wait_cancelled(&mut self.cancel) => None,
+            m = self.inbox.recv() => m,
+        };
+        if let Some(m) = &message {
+            // A message is handed over only while the task may still act as the owner.
+            if self.is_cancelled() {
+                return None;
+            }
+            self.last_taken = Some(m.seq);
+            if let Some(o) = &self.observer {
+                o.message_delivered(self.node, &self.key, self.token, m.seq, &m.payload);
+            }
+        }
+        message
+    }
+
+    /// Acknowledges every message returned by [`recv`](Self::recv) so far.
+    pub fn ack(&self) {
+        if let Some(seq) = self.last_taken {
+            self.progress.ack(seq);
+        }
+    }
+
+    /// Reports the task healthy, for [`TaskOptions::health_deadline`].
+    pub fn heartbeat(&self) {
+        *self.progress.last_beat.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+}
+
+async fn wait_cancelled(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|c| *c).await.is_err() {
+        // The supervisor is gone (node killed): nothing will ever be delivered again.
+        std::future::pending::<()>().await;
+    }
+}
