@@ -1,0 +1,446 @@
+//! [`SimCluster`]: a whole highlander cluster in one process, on the simulated network and
+//! tokio's paused clock, with the invariant checker watching every node.
+
+use crate::checker::{Event, InvariantChecker, Violation};
+use crate::network::{LinkFaults, SimNetwork};
+use highlander::core::BoxFuture;
+use highlander::{
+    Error, Key, Limits, MemStorage, Node, NodeId, Observer, Payload, Seq, StatusReport, Timing,
+    Token, WallClock,
+};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// What every node runs when it starts and every time it is restarted: typically the
+/// `singleton` registrations of the application under test.
+pub type Setup = Arc<dyn Fn(Node) -> BoxFuture<'static, Result<(), Error>> + Send + Sync>;
+
+/// Configures a [`SimCluster`].
+pub struct SimClusterBuilder {
+    nodes: u64,
+    seed: u64,
+    timing: Timing,
+    limits: Limits,
+    setup: Option<Setup>,
+}
+
+impl Default for SimClusterBuilder {
+    fn default() -> Self {
+        SimClusterBuilder {
+            nodes: 3,
+            seed: 0,
+            timing: Timing::default(),
+            limits: Limits::default(),
+            setup: None,
+        }
+    }
+}
+
+impl SimClusterBuilder {
+    /// How many nodes (ids `1..=n`; default 3).
+    pub fn nodes(mut self, n: u64) -> Self {
+        self.nodes = n;
+        self
+    }
+
+    /// The seed of the network's faults (default 0). The same seed gives the same drops,
+    /// delays and duplicates for the same sequence of calls.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// The nodes' timing (default [`Timing::default`]).
+    pub fn timing(mut self, timing: Timing) -> Self {
+        self.timing = timing;
+        self
+    }
+
+    /// The nodes' queue limits.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// What each node runs at every start, e.g. its `singleton` registrations.
+    pub fn setup<F, Fut>(mut self, setup: F) -> Self
+    where
+        F: Fn(Node) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), Error>> + Send + 'static,
+    {
+        self.setup = Some(Arc::new(move |node| Box::pin(setup(node))));
+        self
+    }
+
+    /// Starts every node and waits (in simulated time, at most a minute) until each has a
+    /// session and has run its setup.
+    ///
+    /// Must run on a current-thread runtime with the clock paused, for example inside
+    /// `#[tokio::test(start_paused = true)]`.
+    pub async fn build(self) -> Result<SimCluster, Error> {
+        let net = SimNetwork::new(self.seed);
+        let origin = Instant::now();
+        let checker = Arc::new(Mutex::new(InvariantChecker::new()));
+        let mut cluster = SimCluster {
+            net,
+            nodes: BTreeMap::new(),
+            peers: (1..=self.nodes).map(NodeId).collect(),
+            timing: self.timing,
+            limits: self.limits,
+            setup: self.setup,
+            checker: checker.clone(),
+            observer: Arc::new(CheckerObserver { checker, origin }),
+            origin,
+            seed: self.seed,
+        };
+        for id in cluster.peers.clone() {
+            cluster.nodes.insert(id, SimNode { storage: MemStorage::new(), node: None });
+            cluster.boot(id).await?;
+        }
+        for id in cluster.peers.clone() {
+            cluster.ready_and_setup(id).await?;
+        }
+        Ok(cluster)
+    }
+}
+
+struct SimNode {
+    storage: MemStorage,
+    node: Option<Node>,
+}
+
+/// A simulated cluster: real highlander nodes, a simulated network, simulated time.
+///
+/// Kill, restart and partition nodes, degrade links, advance time, and check after every
+/// event that no key slot had two running owners, tokens only grew, and no acknowledged
+/// message was lost or reordered.
+pub struct SimCluster {
+    net: SimNetwork,
+    nodes: BTreeMap<NodeId, SimNode>,
+    peers: Vec<NodeId>,
+    timing: Timing,
+    limits: Limits,
+    setup: Option<Setup>,
+    checker: Arc<Mutex<InvariantChecker>>,
+    observer: Arc<CheckerObserver>,
+    origin: Instant,
+    seed: u64,
+}
+
+impl SimCluster {
+    /// Starts configuring a cluster.
+    pub fn builder() -> SimClusterBuilder {
+        SimClusterBuilder::default()
+    }
+
+    /// The seed the cluster was built with.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Every node id, running or not.
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.peers.clone()
+    }
+
+    /// The ids of running nodes.
+    pub fn running(&self) -> Vec<NodeId> {
+        self.nodes.iter().filter(|(_, n)| n.node.is_some()).map(|(id, _)| *id).collect()
+    }
+
+    /// A running node, or `None` if it is killed or shut down.
+    pub fn try_node(&self, id: impl Into<NodeId>) -> Option<&Node> {
+        self.nodes.get(&id.into()).and_then(|n| n.node.as_ref())
+    }
+
+    /// A running node.
+    ///
+    /// # Panics
+    /// If the node does not exist or is not running (a test asking for a dead node has a bug).
+    pub fn node(&self, id: impl Into<NodeId>) -> &Node {
+        let id = id.into();
+        self.try_node(id).unwrap_or_else(|| panic!("node {id} is not running"))
+    }
+
+    /// The simulated network, for finer faults.
+    pub fn network(&self) -> &SimNetwork {
+        &self.net
+    }
+
+    /// Simulated time since the cluster was built.
+    pub fn now(&self) -> Duration {
+        Instant::now() - self.origin
+    }
+
+    /// Lets simulated time pass.
+    pub async fn run_for(&self, d: Duration) {
+        tokio::time::sleep(d).await;
+    }
+
+    /// Kills a node: it stops at once, its messages in flight are lost, nothing is handed
+    /// over. Its storage is kept for [`restart`](Self::restart).
+    pub async fn kill(&mut self, id: impl Into<NodeId>) {
+        let id = id.into();
+        self.net.set_down(id, true);
+        if let Some(node) = self.nodes.get_mut(&id).and_then(|n| n.node.take()) {
+            node.kill().await;
+        }
+    }
+
+    /// Shuts a node down gracefully (it hands its keys over first).
+    pub async fn shutdown(&mut self, id: impl Into<NodeId>) {
+        let id = id.into();
+        if let Some(node) = self.nodes.get_mut(&id).and_then(|n| n.node.take()) {
+            node.shutdown().await;
+        }
+    }
+
+    /// Starts a stopped node again from the storage it had, and runs its setup once it has a
+    /// session. Restarting a running node kills it first.
+    pub async fn restart(&mut self, id: impl Into<NodeId>) -> Result<(), Error> {
+        let id = id.into();
+        if self.try_node(id).is_some() {
+            self.kill(id).await;
+        }
+        self.boot(id).await?;
+        self.ready_and_setup(id).await
+    }
+
+    /// Starts a stopped node again without waiting for it to reach a quorum; its setup runs
+    /// in the background once it does.
+    pub async fn restart_in_background(&mut self, id: impl Into<NodeId>) -> Result<(), Error> {
+        let id = id.into();
+        if self.try_node(id).is_some() {
+            self.kill(id).await;
+        }
+        self.boot(id).await?;
+        let node = self.node(id).clone();
+        let setup = self.setup.clone();
+        let bound = self.timing.write_timeout * 20;
+        tokio::spawn(async move {
+            if node.ready(bound).await.is_ok() {
+                if let Some(setup) = setup {
+                    if let Err(e) = setup(node.clone()).await {
+                        tracing::warn!(node = %node.id(), error = %e, "setup after restart failed");
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn boot(&mut self, id: NodeId) -> Result<(), Error> {
+        let storage = match self.nodes.get(&id) {
+            Some(n) => n.storage.clone(),
+            None => return Err(Error::Config(highlander::ConfigError::OwnIdMissing(id))),
+        };
+        let transport = self.net.transport(id);
+        self.net.set_down(id, false);
+        let node = Node::builder()
+            .id(id)
+            .peers(self.peers.clone())
+            .transport(transport)
+            .timing(self.timing)
+            .limits(self.limits)
+            .storage(storage)
+            .clock(SimClock { origin: self.origin })
+            .observer(self.observer.clone())
+            .start()
+            .await?;
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.node = Some(node);
+        }
+        Ok(())
+    }
+
+    async fn ready_and_setup(&self, id: NodeId) -> Result<(), Error> {
+        let node = self.node(id).clone();
+        node.ready(Duration::from_secs(60)).await?;
+        if let Some(setup) = &self.setup {
+            setup(node).await?;
+        }
+        Ok(())
+    }
+
+    /// Cuts both directions between two groups of nodes.
+    pub fn partition(&self, a: &[u64], b: &[u64]) {
+        self.net.partition(&ids(a), &ids(b));
+    }
+
+    /// Cuts only the direction from `from` to `to`.
+    pub fn partition_oneway(&self, from: &[u64], to: &[u64]) {
+        self.net.partition_oneway(&ids(from), &ids(to));
+    }
+
+    /// Removes every partition.
+    pub fn heal(&self) {
+        self.net.heal();
+    }
+
+    /// Sets the faults of the directed link `from → to`.
+    pub fn link(&self, from: u64, to: u64, faults: LinkFaults) {
+        self.net.set_link(NodeId(from), NodeId(to), faults);
+    }
+
+    /// Sends from node `from` and, if the send is acknowledged, records it for the
+    /// invariant checker, which then expects its delivery.
+    pub async fn send(
+        &self,
+        from: impl Into<NodeId>,
+        key: &str,
+        payload: impl Into<Payload>,
+    ) -> Result<Seq, Error> {
+        let from = from.into();
+        let payload = payload.into();
+        let node = self
+            .try_node(from)
+            .ok_or_else(|| Error::Unavailable(format!("node {from} is not running")))?
+            .clone();
+        let seq = node.send(key, payload.clone()).await?;
+        let key = Key::new(key)?;
+        self.observer.record(Event::Sent { from, key, seq, payload });
+        Ok(seq)
+    }
+
+    /// The newest status among running nodes (the one that applied the most).
+    pub fn status(&self) -> Option<StatusReport> {
+        self.nodes
+            .values()
+            .filter_map(|n| n.node.as_ref())
+            .map(|n| n.status())
+            .max_by_key(|s| s.applied_index)
+    }
+
+    /// The owner (node, token) of each slot of `key`, as the most up-to-date running node has
+    /// applied it.
+    pub fn owners(&self, key: &str) -> Vec<Option<(NodeId, Token)>> {
+        let Some(status) = self.status() else { return Vec::new() };
+        status
+            .keys
+            .iter()
+            .find(|k| k.key.as_str() == key)
+            .map(|k| k.owners.iter().map(|o| o.map(|o| (o.node, o.token))).collect())
+            .unwrap_or_default()
+    }
+
+    /// Waits (in simulated time) until `done` holds, checking every 10 ms; returns how long it
+    /// took, or `None` after `timeout`.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&SimCluster) -> bool,
+    ) -> Option<Duration> {
+        let start = Instant::now();
+        loop {
+            if done(self) {
+                return Some(start.elapsed());
+            }
+            if start.elapsed() >= timeout {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The invariant checker, to inspect or to feed extra events.
+    pub fn checker(&self) -> MutexGuard<'_, InvariantChecker> {
+        self.checker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every invariant violation seen so far.
+    pub fn violations(&self) -> Vec<Violation> {
+        self.checker().violations().to_vec()
+    }
+
+    /// Panics with a report naming every violation (and the seed) if there is any.
+    pub fn assert_invariants(&self) {
+        let v = self.violations();
+        if !v.is_empty() {
+            let lines: Vec<String> = v.iter().map(|v| v.to_string()).collect();
+            panic!(
+                "SIM_SEED={}: {} invariant violation(s):\n{}",
+                self.seed,
+                v.len(),
+                lines.join("\n")
+            );
+        }
+    }
+
+    /// Stops every running node gracefully.
+    pub async fn shutdown_all(&mut self) {
+        for id in self.running() {
+            self.shutdown(id).await;
+        }
+    }
+}
+
+fn ids(v: &[u64]) -> Vec<NodeId> {
+    v.iter().map(|i| NodeId(*i)).collect()
+}
+
+/// Feeds every node's task events to the invariant checker, stamped with simulated time.
+struct CheckerObserver {
+    checker: Arc<Mutex<InvariantChecker>>,
+    origin: Instant,
+}
+
+impl CheckerObserver {
+    fn record(&self, event: Event) {
+        let at = Instant::now() - self.origin;
+        let result = self.checker.lock().unwrap_or_else(|e| e.into_inner()).record(at, event);
+        if let Err(v) = result {
+            tracing::error!(violation = %v, "invariant violated");
+        }
+    }
+}
+
+impl Observer for CheckerObserver {
+    fn task_started(&self, node: NodeId, key: &Key, slot: u32, token: Token) {
+        self.record(Event::TaskStarted { node, key: key.clone(), slot, token });
+    }
+
+    fn task_stopped(&self, node: NodeId, key: &Key, slot: u32, token: Token) {
+        self.record(Event::TaskStopped { node, key: key.clone(), slot, token });
+    }
+
+    fn message_delivered(
+        &self,
+        node: NodeId,
+        key: &Key,
+        token: Token,
+        seq: Seq,
+        payload: &Payload,
+    ) {
+        self.record(Event::Delivered {
+            node,
+            key: key.clone(),
+            token,
+            seq,
+            payload: payload.clone(),
+        });
+    }
+}
+
+/// Wall-clock time for simulated nodes: a fixed epoch plus simulated time.
+struct SimClock {
+    origin: Instant,
+}
+
+impl WallClock for SimClock {
+    fn since_epoch(&self) -> Duration {
+        // 2026-01-01T00:00:00Z, so incarnations look like real ones.
+        Duration::from_secs(1_767_225_600) + (Instant::now() - self.origin)
+    }
+}
+
+/// Makes [`LinkFaults`] easy to build in tests.
+pub fn lossy(drop: f64, delay_ms: std::ops::Range<u64>) -> LinkFaults {
+    LinkFaults {
+        drop,
+        duplicate: 0.0,
+        delay_min: Duration::from_millis(delay_ms.start),
+        delay_max: Duration::from_millis(delay_ms.end),
+    }
+}
