@@ -279,6 +279,9 @@ pub enum Rejection {
     /// An acknowledgement beyond the last queued message.
     #[error("acknowledgement beyond the end of the queue")]
     AckBeyondQueue,
+    /// Lease terms or limits that cannot work (zero, or a margin not below the TTL).
+    #[error("invalid lease terms or limits")]
+    InvalidSessionTerms,
     /// An expiry decided under another leadership than the one that appended it.
     #[error("expiry decided under term {decided}, appended in term {appended}")]
     WrongTerm {

@@ -138,7 +138,11 @@ impl ClusterState {
         self.apply_batch(commands)
     }
 
-    /// Applies one command. A refused command leaves the state unchanged.
+    /// Applies one command, in the term set by the last [`apply_entry`](Self::apply_entry)
+    /// (replicas apply through `apply_entry`; this is for tests and tools).
+    ///
+    /// A refused command leaves the state unchanged, except that a refused `Send` is
+    /// recorded in its client's de-duplication window, so a retry gets the same answer.
     pub fn apply(&mut self, command: &Command) -> Outcome {
         match command {
             Command::OpenSession { client, attempt, lease, limits } => {
@@ -185,6 +189,14 @@ impl ClusterState {
         lease: LeaseTerms,
         limits: Limits,
     ) -> Outcome {
+        // Terms and limits come from a peer's configuration: refuse what cannot work rather
+        // than adopt it.
+        if limits.validate().is_err() {
+            return Outcome::Rejected(Rejection::InvalidSessionTerms);
+        }
+        if lease.ttl_ms == 0 || lease.margin_ms == 0 || lease.margin_ms >= lease.ttl_ms {
+            return Outcome::Rejected(Rejection::InvalidSessionTerms);
+        }
         match self.limits {
             Some(cluster) if cluster != limits => {
                 return Outcome::Rejected(Rejection::LimitsMismatch { cluster });
@@ -263,10 +275,10 @@ impl ClusterState {
             }
             self.forget_key_if_idle(key);
         }
-        if let Some(rec) = self.nodes.get_mut(&session.node()) {
-            if rec.session == Some(id) {
-                rec.session = None;
-            }
+        if let Some(rec) = self.nodes.get_mut(&session.node())
+            && rec.session == Some(id)
+        {
+            rec.session = None;
         }
         true
     }
@@ -397,11 +409,9 @@ impl ClusterState {
             Some(k) => k.candidates.is_empty() && k.queue.messages.is_empty(),
             None => false,
         };
-        if idle {
-            if let Some(k) = self.keys.remove(key) {
-                for slot in 0..k.slots.len() as u32 {
-                    self.vacant.remove(&(key.clone(), slot));
-                }
+        if idle && let Some(k) = self.keys.remove(key) {
+            for slot in 0..k.slots.len() as u32 {
+                self.vacant.remove(&(key.clone(), slot));
             }
         }
     }
@@ -424,10 +434,10 @@ impl ClusterState {
             window.answered = window.answered.split_off(&floor);
         }
         let outcome = self.enqueue(key, payload);
-        if let Some(window) = self.clients.get_mut(&client) {
-            if request.serial >= window.floor {
-                window.answered.insert(request.serial, outcome.clone());
-            }
+        if let Some(window) = self.clients.get_mut(&client)
+            && request.serial >= window.floor
+        {
+            window.answered.insert(request.serial, outcome.clone());
         }
         outcome
     }
@@ -533,7 +543,9 @@ impl ClusterState {
                 match self.sessions.get(c) {
                     Some(s) if s.keys.contains(key) => {}
                     _ => {
-                        return Err(format!("key {key}: candidate {c} not live or not listing key"));
+                        return Err(format!(
+                            "key {key}: candidate {c} not live or not listing key"
+                        ));
                     }
                 }
             }
