@@ -176,10 +176,11 @@ pub(crate) async fn duties_loop(shared: Arc<Shared>) {
             continue;
         }
         let now = tokio::time::Instant::now();
-        if let Some((previous, at)) = &last {
-            if *previous == commands && now < *at + shared.timing.heartbeat {
-                continue;
-            }
+        if let Some((previous, at)) = &last
+            && *previous == commands
+            && now < *at + shared.timing.heartbeat
+        {
+            continue;
         }
         last = Some((commands.clone(), now));
         debug!(node = %shared.id, commands = commands.len(), "proposing plan");

@@ -48,7 +48,7 @@ pub(crate) struct Shared {
     lease: watch::Sender<Lease>,
     handlers: Mutex<BTreeMap<Key, Arc<HandlerEntry>>>,
     stopping: watch::Sender<bool>,
-    fatal: Mutex<Option<String>>,
+    fatal: Mutex<Option<Error>>,
     origin: Instant,
     requests: RequestIds,
 }
@@ -92,11 +92,14 @@ impl Shared {
         let _ = rx.wait_for(|s| *s).await;
     }
 
-    pub(crate) fn set_fatal(&self, reason: String) {
-        *self.fatal.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+    /// Records why the node cannot work (it keeps the first reason).
+    /// A fatal node does no more work: it also counts as stopping.
+    pub(crate) fn set_fatal(&self, error: Error) {
+        self.fatal.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(error);
+        self.stopping.send_replace(true);
     }
 
-    fn fatal(&self) -> Option<String> {
+    fn fatal(&self) -> Option<Error> {
         self.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -358,8 +361,8 @@ impl Node {
     }
 
     fn check_running(&self) -> Result<(), Error> {
-        if let Some(reason) = self.shared.fatal() {
-            return Err(Error::Stopped(reason));
+        if let Some(error) = self.shared.fatal() {
+            return Err(error);
         }
         if self.shared.is_stopping() {
             return Err(Error::ShuttingDown);
@@ -372,7 +375,7 @@ impl Node {
         self.check_running()?;
         match session::wait_for_session(&self.shared, timeout).await {
             Some(_) => Ok(()),
-            None => Err(self.shared.fatal().map(Error::Stopped).unwrap_or_else(|| {
+            None => Err(self.shared.fatal().unwrap_or_else(|| {
                 Error::Unavailable(format!("no session within {} ms", timeout.as_millis()))
             })),
         }
@@ -567,6 +570,8 @@ impl Node {
         }
         let shared = &self.shared;
         info!(node = %shared.id, "shutting down");
+        // Read before signalling: the session keeper forgets the session once it stops.
+        let session = shared.lease().session;
         let owned: Vec<(Key, u32)> = self.owned().into_keys().collect();
         shared.stopping.send_replace(true);
         let (reply, rx) = oneshot::channel();
@@ -582,7 +587,6 @@ impl Node {
         } else {
             Vec::new()
         };
-        let session = shared.lease().session;
         shared.set_lease(Lease::default());
         if let Some(session) = session {
             let mut commands = acks;

@@ -73,7 +73,7 @@ async fn open(shared: &Arc<Shared>, attempt: &mut u32) -> Option<SessionId> {
             Ok(Outcome::Rejected(Rejection::LimitsMismatch { cluster })) => {
                 let e = crate::error::ConfigError::LimitsMismatch { cluster };
                 warn!(node = %shared.id, error = %e, "cannot open a session");
-                shared.set_fatal(e.to_string());
+                shared.set_fatal(e.into());
                 return None;
             }
             Ok(other) => {
@@ -174,11 +174,15 @@ async fn keep_alive(shared: &Arc<Shared>, session: SessionId) {
 }
 
 /// How long a node waits for a session before a call that needs one fails.
+/// Gives up early when the node stops.
 pub(crate) async fn wait_for_session(shared: &Shared, timeout: Duration) -> Option<SessionId> {
     let mut rx = shared.lease_watch();
-    let r = tokio::time::timeout(timeout, rx.wait_for(|l| l.session.is_some())).await;
-    match r {
-        Ok(Ok(lease)) => lease.session,
-        _ => None,
-    }
+    let wait = async {
+        tokio::select! {
+            biased;
+            _ = shared.stopping() => None,
+            lease = rx.wait_for(|l| l.session.is_some()) => lease.ok().and_then(|l| l.session),
+        }
+    };
+    tokio::time::timeout(timeout, wait).await.ok().flatten()
 }

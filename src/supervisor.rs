@@ -153,10 +153,11 @@ impl Supervisor {
         let applied = self.shared.applied.read();
         let Some(s) = applied.state.sessions.get(&session) else { return out };
         for (key, slot) in &s.owned {
-            if let Some(owner) = applied.state.owner(key, *slot) {
-                if owner.session == session && !self.given_up.contains(&owner.token) {
-                    out.insert((key.clone(), *slot), owner.token);
-                }
+            if let Some(owner) = applied.state.owner(key, *slot)
+                && owner.session == session
+                && !self.given_up.contains(&owner.token)
+            {
+                out.insert((key.clone(), *slot), owner.token);
             }
         }
         out
@@ -176,10 +177,10 @@ impl Supervisor {
                     if let (Some(st), Some(d)) = (r.stopping.as_mut(), lease.deadline) {
                         // Never past the lease deadline.
                         st.abort_at = st.abort_at.min(d);
-                    } else if lease.deadline.is_none() {
-                        if let Some(st) = r.stopping.as_mut() {
-                            st.abort_at = now;
-                        }
+                    } else if lease.deadline.is_none()
+                        && let Some(st) = r.stopping.as_mut()
+                    {
+                        st.abort_at = now;
                     }
                 }
                 continue;
@@ -212,15 +213,15 @@ impl Supervisor {
                 continue;
             }
             let Some(h) = handlers.get(&slot_id.0) else { continue };
-            if let Some(limit) = h.options.health_deadline {
-                if r.progress.last_beat() + limit <= now {
-                    warn!(node = %self.shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, "task missed its health deadline; handing the slot over");
-                    let _ = r.cancel.send(true);
-                    r.stopping = Some(Stopping {
-                        abort_at: now + grace,
-                        then: AfterStop::Release { hand_over: true },
-                    });
-                }
+            if let Some(limit) = h.options.health_deadline
+                && r.progress.last_beat() + limit <= now
+            {
+                warn!(node = %self.shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, "task missed its health deadline; handing the slot over");
+                let _ = r.cancel.send(true);
+                r.stopping = Some(Stopping {
+                    abort_at: now + grace,
+                    then: AfterStop::Release { hand_over: true },
+                });
             }
         }
 
@@ -266,11 +267,11 @@ impl Supervisor {
         let grace = self.shared.timing.stop_grace();
         let mut wake: Option<Instant> = None;
         let mut at = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
-        if let Some(d) = lease.deadline {
-            if !self.running.is_empty() {
-                at(d.checked_sub(grace).unwrap_or(d));
-                at(d);
-            }
+        if let Some(d) = lease.deadline
+            && !self.running.is_empty()
+        {
+            at(d.checked_sub(grace).unwrap_or(d));
+            at(d);
         }
         for r in self.running.values() {
             if let Some(st) = &r.stopping {
@@ -471,10 +472,10 @@ impl Supervisor {
                 }
             }
             // Anything acknowledged meanwhile goes out with the next notification.
-            if acks.iter().any(|(_, p, upto)| p.ack_upto.load(Ordering::Acquire) > *upto) {
-                if let Some((_, p, _)) = acks.first() {
-                    p.acker.notify_one();
-                }
+            if acks.iter().any(|(_, p, upto)| p.ack_upto.load(Ordering::Acquire) > *upto)
+                && let Some((_, p, _)) = acks.first()
+            {
+                p.acker.notify_one();
             }
         });
     }

@@ -6,7 +6,7 @@ use highlander_core::wire::{RaftMessage, Request, Response};
 use highlander_core::{NodeId, Payload, Transport, TransportError, codec};
 use openraft::error::{
     Fatal, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, ReplicationClosed,
-    StreamingError, Timeout,
+    StreamingError, Timeout, Unreachable,
 };
 use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -75,6 +75,13 @@ impl Peer {
                 target: self.target.0,
                 timeout,
             })),
+            // A peer that cannot be reached fails fast; openraft retries `Network` errors at
+            // once, so these must be `Unreachable`, which waits out `backoff()` first.
+            Err(
+                e @ (TransportError::Unreachable { .. }
+                | TransportError::UnknownPeer(_)
+                | TransportError::Closed),
+            ) => Err(CallError::Unreachable(Unreachable::new(&e))),
             Err(e) => Err(CallError::Network(NetworkError::new(&e))),
         }
     }
@@ -92,6 +99,7 @@ pub(crate) fn response_kind(r: &Response) -> &'static str {
 
 enum CallError {
     Timeout(Timeout<u64>),
+    Unreachable(Unreachable),
     Network(NetworkError),
 }
 
@@ -99,6 +107,7 @@ impl<E: std::error::Error> From<CallError> for RPCError<u64, EmptyNode, E> {
     fn from(e: CallError) -> Self {
         match e {
             CallError::Timeout(t) => RPCError::Timeout(t),
+            CallError::Unreachable(u) => RPCError::Unreachable(u),
             CallError::Network(n) => RPCError::Network(n),
         }
     }
@@ -158,14 +167,15 @@ impl RaftNetwork<TypeConfig> for Peer {
                 Ok(Ok(resp)) => Ok(resp),
                 Ok(Err(fatal)) => Err(StreamingError::Network(NetworkError::new(&fatal))),
                 Err(CallError::Timeout(t)) => Err(StreamingError::Timeout(t)),
+                Err(CallError::Unreachable(u)) => Err(StreamingError::Unreachable(u)),
                 Err(CallError::Network(n)) => Err(StreamingError::Network(n)),
             },
         }
     }
 
     fn backoff(&self) -> Backoff {
-        // Only used after `Unreachable`, which this network never returns; keep it short
-        // anyway so a peer that comes back is replicated to before its election timeout.
+        // Used after `Unreachable`: one heartbeat, so a peer that comes back is replicated to
+        // well before its election timeout.
         Backoff::new(std::iter::repeat(self.backoff))
     }
 }

@@ -263,6 +263,15 @@ fn decode_snapshot(
             format!("snapshot does not decode: {e}"),
         )
     })?;
+    // A snapshot from a peer is checked before it replaces anything: an inconsistent state
+    // would make later commands misbehave.
+    if let Err(e) = body.state.check_consistency() {
+        return Err(storage_error(
+            ErrorSubject::Snapshot(Some(meta.signature())),
+            ErrorVerb::Read,
+            format!("snapshot state is inconsistent: {e}"),
+        ));
+    }
     if body.version != SNAPSHOT_VERSION {
         return Err(storage_error(
             ErrorSubject::Snapshot(Some(meta.signature())),
