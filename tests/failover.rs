@@ -1,0 +1,219 @@
+//! Failover scenarios on the simulator, in simulated time. Each prints what it measured.
+
+mod common;
+
+use common::{Journal, init_tracing};
+use highlander::{NodeId, Timing};
+use highlander_sim::SimCluster;
+use std::time::Duration;
+use tokio::time::Instant;
+
+async fn cluster(seed: u64, keys: &'static [&'static str], journal: &Journal) -> SimCluster {
+    init_tracing();
+    let journal = journal.clone();
+    SimCluster::builder()
+        .nodes(3)
+        .seed(seed)
+        .setup(move |node| {
+            let journal = journal.clone();
+            async move {
+                for key in keys {
+                    node.singleton(*key, journal.consumer()).await?;
+                }
+                Ok(())
+            }
+        })
+        .build()
+        .await
+        .expect("cluster starts")
+}
+
+async fn owned(sim: &SimCluster, key: &str) -> (NodeId, highlander::Token) {
+    sim.wait_until(Duration::from_secs(10), |s| s.owners(key).first().copied().flatten().is_some())
+        .await
+        .expect("the key gets an owner");
+    sim.owners(key)[0].unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn owner_crash_fails_over_within_ttl_plus_one_second() {
+    let journal = Journal::default();
+    let mut sim = cluster(11, &["report"], &journal).await;
+    let (owner, token) = owned(&sim, "report").await;
+    sim.run_for(Duration::from_secs(1)).await;
+
+    let killed = Instant::now();
+    sim.kill(owner).await;
+    let ttl = Timing::default().session_ttl;
+    sim.wait_until(ttl + Duration::from_secs(2), |_| {
+        journal.starts("report").iter().any(|(n, _, at)| *n != owner && *at > killed)
+    })
+    .await
+    .expect("another node runs the singleton");
+    let (node, new_token, at) = journal
+        .starts("report")
+        .into_iter()
+        .find(|(n, _, at)| *n != owner && *at > killed)
+        .unwrap();
+    let took = at - killed;
+    println!(
+        "crash failover: {} ms (ttl {} ms), {owner}/{token} -> {node}/{new_token}",
+        took.as_millis(),
+        ttl.as_millis()
+    );
+    assert!(took <= ttl + Duration::from_secs(1), "failover took {took:?}");
+    assert!(new_token > token, "token {new_token} must exceed {token}");
+    sim.assert_invariants();
+}
+
+#[tokio::test(start_paused = true)]
+async fn leader_crash_does_not_move_a_live_owners_tasks() {
+    let journal = Journal::default();
+    let keys: &'static [&'static str] = &["a", "b", "c", "d", "e", "f"];
+    let mut sim = cluster(12, keys, &journal).await;
+    for k in keys {
+        owned(&sim, k).await;
+    }
+    sim.run_for(Duration::from_secs(1)).await;
+    let leader = sim.status().and_then(|s| s.leader).expect("a leader");
+    let survivors: Vec<(&str, NodeId, highlander::Token)> = keys
+        .iter()
+        .filter_map(|k| sim.owners(k)[0].filter(|(n, _)| *n != leader).map(|(n, t)| (*k, n, t)))
+        .collect();
+    assert!(!survivors.is_empty(), "some keys are owned by followers");
+    let starts_before: Vec<usize> =
+        survivors.iter().map(|(k, _, _)| journal.starts(k).len()).collect();
+
+    let killed = Instant::now();
+    sim.kill(leader).await;
+    let took = sim
+        .wait_until(Duration::from_secs(10), |s| {
+            s.status().and_then(|st| st.leader).is_some_and(|l| l != leader)
+        })
+        .await
+        .expect("a new leader");
+    // Stay past a whole TTL: a lease that lapsed during the election would show by now.
+    sim.run_for(Timing::default().session_ttl * 2).await;
+    println!(
+        "leader crash: new leader after {} ms; follower-owned keys kept: {}",
+        took.as_millis(),
+        survivors.len()
+    );
+    for ((key, node, token), before) in survivors.iter().zip(starts_before) {
+        assert_eq!(
+            sim.owners(key)[0],
+            Some((*node, *token)),
+            "{key} must keep its owner and token"
+        );
+        assert_eq!(journal.starts(key).len(), before, "{key} must not be restarted");
+    }
+    assert!(Instant::now() > killed);
+    sim.assert_invariants();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_owner_cut_off_stops_before_the_new_owner_starts() {
+    let journal = Journal::default();
+    let sim = cluster(13, &["poller"], &journal).await;
+    let (owner, token) = owned(&sim, "poller").await;
+    let others: Vec<u64> = sim.ids().into_iter().filter(|n| *n != owner).map(|n| n.0).collect();
+    sim.run_for(Duration::from_millis(700)).await;
+
+    let cut = Instant::now();
+    sim.partition(&[owner.0], &others);
+    sim.wait_until(Duration::from_secs(10), |_| {
+        journal.starts("poller").iter().any(|(n, _, _)| *n != owner)
+    })
+    .await
+    .expect("the majority side takes the key over");
+    let (node, new_token, at) =
+        journal.starts("poller").into_iter().find(|(n, _, _)| *n != owner).unwrap();
+    println!(
+        "partitioned owner: {node}/{new_token} runs {} ms after the cut",
+        (at - cut).as_millis()
+    );
+    assert!(new_token > token);
+    // The checker saw every start and stop: the old owner stopped before the new one ran.
+    sim.assert_invariants();
+
+    // After healing, the old owner comes back as a candidate and the key stays where it is.
+    sim.heal();
+    sim.run_for(Duration::from_secs(5)).await;
+    assert_eq!(sim.owners("poller")[0], Some((node, new_token)));
+    sim.assert_invariants();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_one_way_cut_from_the_leader_still_fails_over_safely() {
+    let journal = Journal::default();
+    let sim = cluster(14, &["a", "b", "c"], &journal).await;
+    for k in ["a", "b", "c"] {
+        owned(&sim, k).await;
+    }
+    let leader = sim.status().and_then(|s| s.leader).unwrap();
+    let victim = sim.ids().into_iter().find(|n| *n != leader).unwrap();
+    // The victim can still reach the leader, but hears nothing back from anyone.
+    let rest: Vec<u64> = sim.ids().into_iter().filter(|n| *n != victim).map(|n| n.0).collect();
+    sim.partition_oneway(&rest, &[victim.0]);
+    sim.run_for(Duration::from_secs(12)).await;
+    let st = sim.status().unwrap();
+    for k in &st.keys {
+        let owner = k.owners[0].map(|o| o.node);
+        assert!(owner.is_some() && owner != Some(victim), "{} is owned by {owner:?}", k.key);
+    }
+    sim.heal();
+    sim.run_for(Duration::from_secs(3)).await;
+    sim.assert_invariants();
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_shutdown_hands_over_within_100ms() {
+    let journal = Journal::default();
+    let mut sim = cluster(15, &["feed"], &journal).await;
+    let (owner, token) = owned(&sim, "feed").await;
+    sim.run_for(Duration::from_secs(1)).await;
+
+    let began = Instant::now();
+    sim.shutdown(owner).await;
+    sim.wait_until(Duration::from_secs(5), |_| {
+        journal.starts("feed").iter().any(|(n, _, at)| *n != owner && *at >= began)
+    })
+    .await
+    .expect("another node takes the key");
+    let (node, new_token, at) =
+        journal.starts("feed").into_iter().find(|(n, _, at)| *n != owner && *at >= began).unwrap();
+    let took = at - began;
+    println!("graceful hand-over: {} ms, {owner}/{token} -> {node}/{new_token}", took.as_millis());
+    assert!(took <= Duration::from_millis(100), "hand-over took {took:?}");
+    assert!(new_token > token);
+    sim.assert_invariants();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_node_gives_up_its_previous_session_at_once() {
+    let journal = Journal::default();
+    let mut sim = cluster(16, &["job"], &journal).await;
+    let (owner, token) = owned(&sim, "job").await;
+    let old_session =
+        sim.status().unwrap().sessions.iter().find(|s| s.node == owner).map(|s| s.session).unwrap();
+    sim.run_for(Duration::from_secs(1)).await;
+
+    sim.kill(owner).await;
+    let restarted = Instant::now();
+    sim.restart(owner).await.expect("restart");
+    let took = sim
+        .wait_until(Duration::from_secs(5), |s| {
+            let st = s.status().unwrap();
+            !st.sessions.iter().any(|x| x.session == old_session)
+                && s.owners("job")[0].is_some_and(|(_, t)| t > token)
+        })
+        .await
+        .expect("the old session is closed and the key reassigned");
+    let total = Instant::now() - restarted;
+    println!(
+        "restart: old session closed and key reassigned {} ms after restart",
+        total.as_millis()
+    );
+    assert!(total < Timing::default().session_ttl / 2, "waited {took:?}: looks like a TTL expiry");
+    sim.assert_invariants();
+}
