@@ -115,6 +115,10 @@ pub struct ClusterState {
     pub clients: BTreeMap<ClientId, ClientWindow>,
     /// Payload bytes queued across all keys.
     pub total_bytes: u64,
+    /// The highest sequence number any key has handed out. A key created (again) starts
+    /// above it, so a sequence number is never reused for a key, even one that was forgotten
+    /// when nobody registered it any more and registered again later.
+    pub last_seq: u64,
     /// The Raft term of the entry being applied (see [`ClusterState::apply_entry`]).
     pub entry_term: u64,
 }
@@ -320,7 +324,7 @@ impl ClusterState {
                         candidates,
                         slots: vec![None; spec.slots as usize],
                         handed_over_by: vec![None; spec.slots as usize],
-                        queue: Queue { next_seq: 1, ..Queue::default() },
+                        queue: Queue { next_seq: self.last_seq + 1, ..Queue::default() },
                     },
                 );
                 for slot in 0..spec.slots {
@@ -464,6 +468,7 @@ impl ClusterState {
         }
         let seq = Seq(k.queue.next_seq);
         k.queue.next_seq += 1;
+        self.last_seq = self.last_seq.max(seq.0);
         k.queue.bytes += size;
         k.queue.messages.push_back(Message { seq, payload: payload.clone() });
         self.total_bytes += size;

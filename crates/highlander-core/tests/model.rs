@@ -98,6 +98,8 @@ struct Model {
     limits: Option<Limits>,
     last_session: u64,
     last_token: u64,
+    /// The highest seq ever handed out; a key created again starts above it.
+    last_seq: u64,
     sessions: BTreeMap<SessionId, MSession>,
     /// Per node: newest (incarnation, attempt) and live session.
     nodes: BTreeMap<NodeId, (u64, u32, Option<SessionId>)>,
@@ -235,7 +237,11 @@ impl Model {
         if !self.sessions.contains_key(&session) {
             return rejected(Rejection::NoSuchSession);
         }
-        let k = self.keys.entry(key.clone()).or_insert_with(|| MKey::new(spec));
+        let last_seq = self.last_seq;
+        let k = self
+            .keys
+            .entry(key.clone())
+            .or_insert_with(|| MKey { next_seq: last_seq + 1, ..MKey::new(spec) });
         if k.spec != spec {
             if !k.candidates.is_empty() {
                 return rejected(Rejection::SpecConflict { existing: k.spec });
@@ -320,6 +326,7 @@ impl Model {
         let seq = k.next_seq;
         k.next_seq += 1;
         k.queue.push((seq, payload.clone()));
+        self.last_seq = self.last_seq.max(seq);
         Outcome::Sent { seq: Seq(seq) }
     }
 
@@ -329,6 +336,7 @@ impl Model {
         st.limits = self.limits;
         st.last_session = self.last_session;
         st.last_token = self.last_token;
+        st.last_seq = self.last_seq;
         st.entry_term = self.term;
         for (id, s) in &self.sessions {
             let owned = self

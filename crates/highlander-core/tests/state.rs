@@ -846,3 +846,20 @@ fn unusable_lease_terms_or_limits_are_refused_and_never_adopted() {
     assert!(matches!(st.apply(&with(good, Limits::default())), Outcome::SessionOpened { .. }));
     consistent(&st);
 }
+
+#[test]
+fn a_key_registered_again_never_reuses_a_sequence_number() {
+    let mut st = ClusterState::new();
+    let a = open(&mut st, 1, 1, 0);
+    register(&mut st, a, "k", KeySpec::singleton());
+    let t = assign(&mut st, "k", 0, a);
+    assert_eq!(send(&mut st, "k", b"one", client(1, 1), 1), sent(1));
+    assert_eq!(send(&mut st, "k", b"two", client(1, 1), 2), sent(2));
+    assert!(matches!(st.apply(&ack_cmd("k", t, 2)), Outcome::Acked { head: None }));
+    // Nobody runs it and nothing is queued: the key is forgotten.
+    unregister(&mut st, a, "k");
+    assert!(!st.keys.contains_key(&key("k")));
+    register(&mut st, a, "k", KeySpec::singleton());
+    assert_eq!(send(&mut st, "k", b"three", client(1, 1), 3), sent(3));
+    consistent(&st);
+}

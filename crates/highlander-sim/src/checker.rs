@@ -91,7 +91,7 @@ pub enum ViolationKind {
     Gap,
     /// Within one run, a delivery came at or below a seq already delivered (invariant 4).
     OutOfOrder,
-    /// A run's first delivery skipped a seq that nobody had taken yet (invariant 4).
+    /// A run's first delivery passed over an acknowledged message never delivered (invariant 4).
     SkippedUndelivered,
     /// A delivery's payload differs from the sent one or from an earlier delivery (invariant 4).
     PayloadMismatch,
@@ -274,6 +274,20 @@ impl InvariantChecker {
     /// Every violation found so far, in the order found.
     pub fn violations(&self) -> &[Violation] {
         &self.violations
+    }
+
+    /// The tasks running now: for every key slot with a running task, its node and token
+    /// (the earliest-started one if, against the invariant, there are several).
+    pub fn running(&self) -> BTreeMap<(Key, u32), (NodeId, Token)> {
+        let mut out = BTreeMap::new();
+        for (key, state) in &self.keys {
+            for (slot, st) in &state.slots {
+                if let Some(r) = st.running.first() {
+                    out.insert((key.clone(), *slot), (r.node, r.token));
+                }
+            }
+        }
+        out
     }
 
     /// How many events [`record`](Self::record) has seen.
@@ -687,35 +701,22 @@ impl KeyState {
                 }
             }
             None => {
-                let highest = self.delivered.last_key_value();
-                let limit = highest.map_or(0, |(s, _)| s.0).saturating_add(1);
-                if seq.0 > limit {
-                    let (nodes, earlier, from, why) = match highest {
-                        Some((high, d)) => (
-                            vec![node, d.node],
-                            Some(d.at),
-                            *high,
-                            format!("the highest seq taken is {high} ({} at {})", d.node, At(d.at)),
-                        ),
-                        None => (
-                            vec![node],
-                            Some(run.started),
-                            Seq(0),
-                            format!(
-                                "nobody took any message yet (run started at {})",
-                                At(run.started)
-                            ),
-                        ),
-                    };
+                // A run may begin at any message nobody has taken; it may not pass over an
+                // acknowledged message that was never delivered. (Seqs can jump: a key that
+                // was forgotten and registered again continues above every seq ever used.)
+                let skipped = self.sent.range(..seq).find(|(s, _)| !self.delivered.contains_key(s));
+                if let Some((missed, rec)) = skipped {
                     let detail = format!(
-                        "{node} ({token}) began its run with {seq}, but {why}: {} skipped",
-                        Skipped(from, seq)
+                        "{node} ({token}) began its run with {seq}, but {missed} (sent by {} at {}) \
+                         was never delivered: skipped",
+                        rec.from,
+                        At(rec.at)
                     );
                     found.push(ctx.report(
                         ViolationKind::SkippedUndelivered,
                         Some(0),
-                        &nodes,
-                        earlier,
+                        &[node, rec.from],
+                        Some(rec.at),
                         detail,
                     ));
                 }
@@ -1000,6 +1001,7 @@ mod tests {
         clean(
             &mut c,
             vec![
+                (900, sent(3, "q", 3, "c")),
                 (1_000, start(1, "q", 0, 2)),
                 (1_100, delivered(1, "q", 2, 1, "a")),
                 (1_200, delivered(1, "q", 2, 2, "b")),
@@ -1009,15 +1011,33 @@ mod tests {
         );
         let v = c.record(ms(3_100), delivered(2, "q", 3, 4, "d")).unwrap_err();
         assert_eq!(v.kind, ViolationKind::SkippedUndelivered);
-        assert_eq!(v.nodes, vec![NodeId(2), NodeId(1)]);
-        assert_names(&v, "q", &["n1", "n2", "#3", "#4"], &["at 3.100s", "1.200s"]);
+        assert_eq!(v.nodes, vec![NodeId(2), NodeId(3)]);
+        assert_names(&v, "q", &["n2", "n3", "#3", "#4"], &["at 3.100s", "0.900s"]);
 
-        // A very first owner must begin at #1.
+        // A very first owner may not begin past an acknowledged message.
         let mut c = InvariantChecker::new();
-        clean(&mut c, vec![(1_000, start(1, "q", 0, 2))]);
+        clean(&mut c, vec![(900, sent(1, "q", 1, "a")), (1_000, start(1, "q", 0, 2))]);
         let v = c.record(ms(1_500), delivered(1, "q", 2, 2, "b")).unwrap_err();
         assert_eq!(v.kind, ViolationKind::SkippedUndelivered);
-        assert_names(&v, "q", &["n1", "#1"], &["at 1.500s", "1.000s"]);
+        assert_names(&v, "q", &["n1", "#1"], &["at 1.500s", "0.900s"]);
+    }
+
+    #[test]
+    fn a_run_may_begin_past_seqs_nobody_was_acknowledged_for() {
+        // A key forgotten and registered again continues above every seq ever used.
+        let mut c = InvariantChecker::new();
+        clean(
+            &mut c,
+            vec![
+                (900, sent(1, "q", 1, "a")),
+                (1_000, start(1, "q", 0, 2)),
+                (1_100, delivered(1, "q", 2, 1, "a")),
+                (2_000, stop(1, "q", 0, 2)),
+                (3_000, start(2, "q", 0, 9)),
+                (3_100, delivered(2, "q", 9, 40, "x")),
+                (3_200, delivered(2, "q", 9, 41, "y")),
+            ],
+        );
     }
 
     #[test]

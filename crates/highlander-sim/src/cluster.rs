@@ -220,12 +220,11 @@ impl SimCluster {
         let setup = self.setup.clone();
         let bound = self.timing.write_timeout * 20;
         tokio::spawn(async move {
-            if node.ready(bound).await.is_ok() {
-                if let Some(setup) = setup {
-                    if let Err(e) = setup(node.clone()).await {
-                        tracing::warn!(node = %node.id(), error = %e, "setup after restart failed");
-                    }
-                }
+            if node.ready(bound).await.is_ok()
+                && let Some(setup) = setup
+                && let Err(e) = setup(node.clone()).await
+            {
+                tracing::warn!(node = %node.id(), error = %e, "setup after restart failed");
             }
         });
         Ok(())
