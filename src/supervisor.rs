@@ -266,7 +266,12 @@ impl Supervisor {
     fn next_wake(&self, lease: Lease) -> Option<Instant> {
         let grace = self.shared.timing.stop_grace();
         let mut wake: Option<Instant> = None;
-        let mut at = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
+        let now = Instant::now();
+        let mut at = |t: Instant| {
+            if t > now {
+                wake = Some(wake.map_or(t, |w| w.min(t)));
+            }
+        };
         if let Some(d) = lease.deadline
             && !self.running.is_empty()
         {
@@ -287,8 +292,9 @@ impl Supervisor {
                 at(r.progress.last_beat() + limit);
             }
         }
-        // Wake at or after the instant, never before it.
-        wake.map(|w| w.max(Instant::now()))
+        // Only future instants: anything already due was handled by `reconcile`, and a past
+        // instant here would spin the loop (and freeze a paused clock).
+        wake.filter(|w| *w > Instant::now())
     }
 
     fn start(&mut self, slot_id: SlotId, token: Token, handler: Arc<HandlerEntry>, lease: &Lease) {

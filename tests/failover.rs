@@ -144,6 +144,37 @@ async fn an_owner_cut_off_stops_before_the_new_owner_starts() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_cut_off_owner_that_ignores_cancellation_is_aborted_in_time() {
+    init_tracing();
+    let journal = Journal::default();
+    let j = journal.clone();
+    let sim = SimCluster::builder()
+        .nodes(3)
+        .seed(17)
+        .setup(move |node| {
+            let j = j.clone();
+            async move { node.singleton("stubborn", j.stubborn()).await }
+        })
+        .build()
+        .await
+        .unwrap();
+    let (owner, token) = owned(&sim, "stubborn").await;
+    let others: Vec<u64> = sim.ids().into_iter().filter(|n| *n != owner).map(|n| n.0).collect();
+    sim.run_for(Duration::from_millis(300)).await;
+    sim.partition(&[owner.0], &others);
+    sim.wait_until(Duration::from_secs(10), |_| {
+        journal.starts("stubborn").iter().any(|(n, _, _)| *n != owner)
+    })
+    .await
+    .expect("the majority side takes the key over");
+    let (_, new_token, _) =
+        journal.starts("stubborn").into_iter().find(|(n, _, _)| *n != owner).unwrap();
+    assert!(new_token > token);
+    // The handler never returned: only the abort at the lease deadline stopped it in time.
+    sim.assert_invariants();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_one_way_cut_from_the_leader_still_fails_over_safely() {
     let journal = Journal::default();
     let sim = cluster(14, &["a", "b", "c"], &journal).await;

@@ -90,3 +90,27 @@ impl Journal {
 pub fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
+
+impl Journal {
+    /// A handler that records its start and then ignores cancellation, so only the
+    /// supervisor's abort at the lease deadline can stop it.
+    pub fn stubborn(
+        &self,
+    ) -> impl Fn(TaskContext) -> BoxFuture<'static, ()> + Send + Sync + 'static {
+        let journal = self.clone();
+        move |ctx: TaskContext| {
+            let journal = journal.clone();
+            Box::pin(async move {
+                journal.push(Entry::Started {
+                    node: ctx.node_id(),
+                    key: ctx.key().clone(),
+                    token: ctx.token(),
+                    at: Instant::now(),
+                });
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        }
+    }
+}
