@@ -13,7 +13,6 @@ mod common;
 use common::Journal;
 use highlander::{Error, Timing};
 use highlander_sim::{LinkFaults, SimCluster};
-use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
