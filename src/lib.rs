@@ -77,3 +77,8 @@ pub use task::{RestartPolicy, TaskContext, TaskOptions, TaskResult};
 
 /// The sans-IO core, for transports and tools that speak the wire protocol.
 pub use highlander_core as core;
+
+/// The README's examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
