@@ -9,7 +9,7 @@
 use crate::node::Shared;
 use crate::raft::{ConfirmError, RaftNode};
 use highlander_core::wire::KeepAliveReply;
-use highlander_core::{Command, LeaseTable, Millis, SessionId, plan};
+use highlander_core::{Command, LeaseTable, Millis, Outcome, SessionId, plan};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -185,11 +185,20 @@ pub(crate) async fn duties_loop(shared: Arc<Shared>) {
         last = Some((commands.clone(), now));
         debug!(node = %shared.id, commands = commands.len(), "proposing plan");
         // Written directly (no forwarding): a plan is only meaningful from this leadership.
-        match shared.raft.write(commands, shared.timing.write_timeout).await {
+        match shared.raft.write(commands.clone(), shared.timing.write_timeout).await {
             Ok(outcomes) => {
-                for o in outcomes {
-                    if let highlander_core::Outcome::Rejected(r) = o {
-                        debug!(node = %shared.id, reason = %r, "plan command refused");
+                for (c, o) in commands.iter().zip(outcomes) {
+                    match (c, o) {
+                        (Command::Assign { key, slot, session }, Outcome::Assigned { token }) => {
+                            info!(node = %shared.id, %key, slot, %session, %token, "assigned");
+                        }
+                        (Command::ExpireSession { session, .. }, Outcome::SessionEnded) => {
+                            info!(node = %shared.id, %session, "session expired");
+                        }
+                        (_, Outcome::Rejected(r)) => {
+                            debug!(node = %shared.id, command = ?c, reason = %r, "plan command refused");
+                        }
+                        _ => {}
                     }
                 }
             }

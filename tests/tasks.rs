@@ -1,0 +1,189 @@
+//! How tasks are run: restart policies, health deadlines, exclusive groups, batching.
+
+mod common;
+
+use common::init_tracing;
+use highlander::{RestartPolicy, TaskOptions};
+use highlander_sim::SimCluster;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+type Log = Arc<Mutex<Vec<(highlander::NodeId, highlander::Token, Instant)>>>;
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_handler_restarts_in_place_with_backoff_and_the_same_token() {
+    init_tracing();
+    let log: Log = Arc::default();
+    let l = log.clone();
+    let sim = SimCluster::builder()
+        .nodes(3)
+        .seed(41)
+        .setup(move |node| {
+            let l = l.clone();
+            async move {
+                node.singleton("flaky", move |ctx| {
+                    let l = l.clone();
+                    async move {
+                        l.lock().unwrap().push((ctx.node_id(), ctx.token(), Instant::now()));
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        let fails = true;
+                        if fails {
+                            panic!("the handler fails");
+                        }
+                    }
+                })
+                .await
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    sim.wait_until(Duration::from_secs(5), |_| log.lock().unwrap().len() >= 5).await.unwrap();
+    let runs = log.lock().unwrap().clone();
+    let (node, token, _) = runs[0];
+    assert!(
+        runs.iter().all(|(n, t, _)| (*n, *t) == (node, token)),
+        "same node, same token: {runs:?}"
+    );
+    let gaps: Vec<u128> = runs.windows(2).map(|w| (w[1].2 - w[0].2).as_millis()).collect();
+    // 10 ms of work, then backoff 100, 200, 400, 800 ms.
+    assert!(gaps.windows(2).all(|g| g[1] > g[0]), "backoff grows: {gaps:?}");
+    assert!(gaps[0] >= 100, "first backoff: {gaps:?}");
+    sim.assert_invariants();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_with_hand_over_policy_moves_to_another_node_when_it_returns() {
+    init_tracing();
+    let log: Log = Arc::default();
+    let l = log.clone();
+    let sim = SimCluster::builder()
+        .nodes(3)
+        .seed(42)
+        .setup(move |node| {
+            let l = l.clone();
+            async move {
+                let options =
+                    TaskOptions { restart: RestartPolicy::HandOver, ..TaskOptions::default() };
+                node.singleton_with("relay", options, move |ctx| {
+                    let l = l.clone();
+                    async move {
+                        l.lock().unwrap().push((ctx.node_id(), ctx.token(), Instant::now()));
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                })
+                .await
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    sim.wait_until(Duration::from_secs(5), |_| log.lock().unwrap().len() >= 4).await.unwrap();
+    let runs = log.lock().unwrap().clone();
+    for w in runs.windows(2) {
+        assert_ne!(w[0].0, w[1].0, "a hand-over goes to another node: {runs:?}");
+        assert!(w[1].1 > w[0].1, "with a larger token: {runs:?}");
+        assert!(w[1].2 - w[0].2 < Duration::from_millis(300), "promptly: {runs:?}");
+    }
+    sim.assert_invariants();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missed_health_deadline_releases_the_slot() {
+    init_tracing();
+    let log: Log = Arc::default();
+    let l = log.clone();
+    let sim = SimCluster::builder()
+        .nodes(3)
+        .seed(43)
+        .setup(move |node| {
+            let l = l.clone();
+            async move {
+                let options = TaskOptions {
+                    health_deadline: Some(Duration::from_millis(300)),
+                    ..TaskOptions::default()
+                };
+                node.singleton_with("watchdog", options, move |ctx| {
+                    let l = l.clone();
+                    async move {
+                        l.lock().unwrap().push((ctx.node_id(), ctx.token(), Instant::now()));
+                        // Healthy for a second, then it hangs (and ignores cancellation).
+                        for _ in 0..10 {
+                            ctx.heartbeat();
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        std::future::pending::<()>().await;
+                    }
+                })
+                .await
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    sim.wait_until(Duration::from_secs(10), |_| log.lock().unwrap().len() >= 2).await.unwrap();
+    let runs = log.lock().unwrap().clone();
+    let hung_for = runs[1].2 - runs[0].2;
+    assert_ne!(runs[0].0, runs[1].0, "handed to another node");
+    assert!(runs[1].1 > runs[0].1);
+    // One second healthy, the 300 ms deadline, up to one stop grace (500 ms) to abort.
+    assert!(
+        hung_for >= Duration::from_millis(1300) && hung_for < Duration::from_millis(2000),
+        "{hung_for:?}"
+    );
+    sim.assert_invariants();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_exclusive_group_runs_on_distinct_nodes_and_refills_after_a_crash() {
+    init_tracing();
+    let sim_builder = SimCluster::builder().nodes(3).seed(44).setup(|node| async move {
+        node.exclusive("pair", 2, |ctx| async move { ctx.cancelled().await }).await
+    });
+    let mut sim = sim_builder.build().await.unwrap();
+    let filled = |s: &SimCluster| {
+        let o = s.owners("pair");
+        o.len() == 2 && o.iter().all(|x| x.is_some()) && o[0].unwrap().0 != o[1].unwrap().0
+    };
+    sim.wait_until(Duration::from_secs(5), filled).await.expect("two distinct owners");
+    let victim = sim.owners("pair")[1].unwrap().0;
+    sim.kill(victim).await;
+    sim.wait_until(Duration::from_secs(10), |s| {
+        filled(s) && s.owners("pair").iter().all(|o| o.unwrap().0 != victim)
+    })
+    .await
+    .expect("the slot is refilled on the remaining node");
+    sim.assert_invariants();
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_sends_share_raft_entries() {
+    init_tracing();
+    let sim = SimCluster::builder()
+        .nodes(3)
+        .seed(45)
+        .setup(|node| async move {
+            node.singleton("bulk", |ctx| async move { ctx.cancelled().await }).await
+        })
+        .build()
+        .await
+        .unwrap();
+    sim.run_for(Duration::from_millis(500)).await;
+    let node = sim.node(1).clone();
+    let before = node.status().applied_index;
+    let sends: Vec<_> = (0..200)
+        .map(|i| {
+            let node = node.clone();
+            tokio::spawn(async move { node.send("bulk", format!("m{i}")).await })
+        })
+        .collect();
+    for s in sends {
+        s.await.unwrap().unwrap();
+    }
+    let entries = node.status().applied_index - before;
+    println!("200 concurrent sends took {entries} Raft entries");
+    assert!(entries < 50, "the proposer batches: {entries} entries for 200 sends");
+    let queued = node.status().keys.iter().find(|k| k.key.as_str() == "bulk").unwrap().queued;
+    assert_eq!(queued, 200);
+}
