@@ -218,11 +218,14 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                     .await
                     {
                         Ok(Ok(_)) => acknowledged += 1,
+                        // Expected under faults: no quorum, a stopping node, or every node that
+                        // registered the key is gone (an idle key is forgotten).
                         Ok(Err(
                             Error::Timeout
                             | Error::Unavailable(_)
                             | Error::ShuttingDown
-                            | Error::Stopped(_),
+                            | Error::Stopped(_)
+                            | Error::NoSuchKey { .. },
                         ))
                         | Err(_) => {}
                         Ok(Err(e)) => {
