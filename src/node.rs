@@ -693,7 +693,9 @@ impl RequestHandler for Inbound {
                     if shared.is_stopping() {
                         return Response::Refused("node is shutting down".into());
                     }
-                    let timeout = shared.timing.election_bound();
+                    // Give up before the forwarding node does, so an answer is not lost
+                    // to a race between the two timeouts.
+                    let timeout = shared.timing.election_bound() * 3 / 4;
                     Response::Write(match shared.raft.write(commands, timeout).await {
                         Ok(outcomes) => Ok(outcomes),
                         Err(LocalWriteError::NotLeader(leader)) => {

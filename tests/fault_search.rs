@@ -4,7 +4,7 @@
 //! faults and checks liveness: every key is owned again and every acknowledged message is
 //! delivered within a bound.
 //!
-//! `HIGHLANDER_SIM_SEEDS=n` runs n seeds (default 200), `HIGHLANDER_SIM_SEED=s` replays one.
+//! `HIGHLANDER_SIM_SEEDS=n` runs n seeds (default 500), `HIGHLANDER_SIM_SEED=s` replays one.
 //! A failing seed prints `SIM_SEED=s` and its schedule. The schedule is a pure function of the
 //! seed; the run itself is deterministic up to openraft's own randomness (election timeouts).
 
@@ -333,7 +333,7 @@ fn seeds(part: u64, parts: u64) -> Vec<u64> {
         return if part == 0 { vec![seed] } else { vec![] };
     }
     let n: u64 =
-        std::env::var("HIGHLANDER_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
+        std::env::var("HIGHLANDER_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(500);
     (0..n).filter(|s| s % parts == part).map(|s| 1000 + s).collect()
 }
 
