@@ -138,35 +138,42 @@ async fn sleep_until_opt(at: Option<Instant>) {
 }
 
 impl Supervisor {
-    /// The slots this node may run now, with their tokens.
-    fn desired(&self, lease: &Lease, now: Instant) -> BTreeMap<SlotId, Token> {
-        let mut out = BTreeMap::new();
+    /// The slots this node may run now, with their tokens, and the slots the leader asked it
+    /// to hand over (which must stop, then be released).
+    fn desired(
+        &self,
+        lease: &Lease,
+        now: Instant,
+    ) -> (BTreeMap<SlotId, Token>, BTreeMap<SlotId, Token>) {
+        let mut run = BTreeMap::new();
+        let mut moving = BTreeMap::new();
         if self.stopped || self.shared.is_stopping() {
-            return out;
+            return (run, moving);
         }
-        let Some(session) = lease.session else { return out };
-        // Stop asking tasks to run one grace before the lease runs out.
-        match lease.deadline {
-            Some(d) if now + self.shared.timing.stop_grace() < d => {}
-            _ => return out,
-        }
+        let Some(session) = lease.session else { return (run, moving) };
         let applied = self.shared.applied.read();
-        let Some(s) = applied.state.sessions.get(&session) else { return out };
+        let Some(s) = applied.state.sessions.get(&session) else { return (run, moving) };
+        // Stop asking tasks to run one grace before the lease runs out.
+        let lease_ok = lease.deadline.is_some_and(|d| now + self.shared.timing.stop_grace() < d);
         for (key, slot) in &s.owned {
             if let Some(owner) = applied.state.owner(key, *slot)
                 && owner.session == session
                 && !self.given_up.contains(&owner.token)
             {
-                out.insert((key.clone(), *slot), owner.token);
+                if owner.moving {
+                    moving.insert((key.clone(), *slot), owner.token);
+                } else if lease_ok {
+                    run.insert((key.clone(), *slot), owner.token);
+                }
             }
         }
-        out
+        (run, moving)
     }
 
     fn reconcile(&mut self) {
         let now = Instant::now();
         let lease = self.shared.lease();
-        let desired = self.desired(&lease, now);
+        let (desired, moving) = self.desired(&lease, now);
         let grace = self.shared.timing.stop_grace();
 
         // Stop what must not run.
@@ -189,9 +196,15 @@ impl Supervisor {
                 Some(d) => (now + grace).min(d),
                 None => now,
             };
-            info!(node = %self.shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, "stopping task");
+            // Asked to hand the slot over: release it once the task has stopped.
+            let then = if moving.get(slot_id) == Some(&r.token) {
+                AfterStop::Release { hand_over: true }
+            } else {
+                AfterStop::Nothing
+            };
+            info!(node = %self.shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, after = ?then, "stopping task");
             let _ = r.cancel.send(true);
-            r.stopping = Some(Stopping { abort_at, then: AfterStop::Nothing });
+            r.stopping = Some(Stopping { abort_at, then });
         }
         let due: Vec<SlotId> = self
             .running
@@ -222,6 +235,14 @@ impl Supervisor {
                     abort_at: now + grace,
                     then: AfterStop::Release { hand_over: true },
                 });
+            }
+        }
+
+        // Slots to hand over that run nothing here: release them now.
+        for (slot_id, token) in &moving {
+            if !self.running.contains_key(slot_id) && !self.given_up.contains(token) {
+                self.given_up.insert(*token);
+                self.release(slot_id.clone(), *token, true, None);
             }
         }
 

@@ -187,3 +187,48 @@ async fn concurrent_sends_share_raft_entries() {
     let queued = node.status().keys.iter().find(|k| k.key.as_str() == "bulk").unwrap().queued;
     assert_eq!(queued, 200);
 }
+
+#[tokio::test(start_paused = true)]
+async fn keys_that_piled_up_on_the_first_node_spread_out_safely() {
+    init_tracing();
+    let keys: Vec<String> = (0..9).map(|i| format!("job{i}")).collect();
+    let ks = keys.clone();
+    let sim = SimCluster::builder()
+        .nodes(3)
+        .seed(46)
+        .setup(move |node| {
+            let ks = ks.clone();
+            async move {
+                for k in &ks {
+                    node.singleton(k.as_str(), |ctx| async move { ctx.cancelled().await }).await?;
+                }
+                Ok(())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let loads = |s: &SimCluster| {
+        let mut per = std::collections::BTreeMap::new();
+        for k in &keys {
+            if let Some(Some((n, _))) = s.owners(k).first().copied() {
+                *per.entry(n).or_insert(0) += 1;
+            }
+        }
+        per
+    };
+    println!("right after start: {:?}", loads(&sim));
+    let took = sim
+        .wait_until(Duration::from_secs(30), |s| {
+            let l = loads(s);
+            l.len() == 3 && l.values().all(|n| *n == 3)
+        })
+        .await
+        .expect("the keys spread evenly");
+    println!("spread evenly after {} ms: {:?}", took.as_millis(), loads(&sim));
+    // And then nothing moves any more.
+    let owners: Vec<_> = keys.iter().map(|k| sim.owners(k)).collect();
+    sim.run_for(Duration::from_secs(10)).await;
+    assert_eq!(owners, keys.iter().map(|k| sim.owners(k)).collect::<Vec<_>>());
+    sim.assert_invariants();
+}

@@ -144,6 +144,16 @@ pub enum Command {
         /// de-duplication records can be dropped.
         floor: u64,
     },
+    /// Asks the owner of a slot to hand it over, if `token` is still its token. The slot stays
+    /// owned until the owner, having stopped its task, releases it.
+    RequestMove {
+        /// The key.
+        key: Key,
+        /// The slot index.
+        slot: u32,
+        /// The owner's token.
+        token: Token,
+    },
     /// Drops a key's queued messages up to and including `upto`, if `token` is the token of
     /// the key's consuming slot (slot 0).
     Ack {
@@ -165,6 +175,7 @@ impl Command {
             | Command::Unregister { key, .. }
             | Command::Assign { key, .. }
             | Command::Release { key, .. }
+            | Command::RequestMove { key, .. }
             | Command::Ack { key, .. } => 32 + key.as_str().len(),
             _ => 48,
         }
@@ -197,6 +208,8 @@ pub enum Outcome {
     },
     /// The slot is vacant.
     Released,
+    /// The owner has been asked to hand the slot over.
+    MoveRequested,
     /// The message is queued.
     Sent {
         /// Its sequence number in the key's queue.
@@ -301,6 +314,7 @@ impl fmt::Display for Outcome {
             Outcome::Unregistered => f.write_str("unregistered"),
             Outcome::Assigned { token } => write!(f, "assigned {token}"),
             Outcome::Released => f.write_str("released"),
+            Outcome::MoveRequested => f.write_str("move requested"),
             Outcome::Sent { seq } => write!(f, "sent {seq}"),
             Outcome::Acked { head } => write!(f, "acked, head {head:?}"),
             Outcome::Rejected(r) => write!(f, "rejected: {r}"),
@@ -315,6 +329,9 @@ pub struct Owner {
     pub session: SessionId,
     /// Its fencing token for this slot.
     pub token: Token,
+    /// The leader asked the owner to hand the slot over (to spread keys): the owner stops
+    /// its task, then releases the slot. Nobody else gets it before that release.
+    pub moving: bool,
 }
 
 /// A queued message.

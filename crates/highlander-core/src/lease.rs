@@ -27,6 +27,11 @@ impl LeaseTable {
         LeaseTable { term, started: now, last_seen: BTreeMap::new(), expiring: BTreeSet::new() }
     }
 
+    /// When this leadership began (as this node noticed it).
+    pub fn started(&self) -> Millis {
+        self.started
+    }
+
     /// The term of the leadership this table belongs to.
     pub fn term(&self) -> u64 {
         self.term

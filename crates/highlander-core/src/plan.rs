@@ -19,8 +19,11 @@ pub const MAX_ASSIGNS_PER_PLAN: usize = 512;
 ///    one else can take it); among those, the least loaded, ties broken by a rendezvous hash
 ///    of key and node so that keys spread and a restarted node is preferred for the same keys.
 ///
-/// Owned slots are never moved. The result is idempotent: proposing it twice is harmless,
-/// because the state machine refuses what has become stale.
+/// 3. when there is nothing else to do, at most one `RequestMove` to even out the load (see
+///    `spread`): an owned slot moves only through its owner's own release.
+///
+/// The result is idempotent: proposing it twice is harmless, because the state machine
+/// refuses what has become stale.
 pub fn plan(state: &ClusterState, table: &LeaseTable, now: Millis) -> Vec<Command> {
     let term = table.term();
     let mut commands = Vec::new();
@@ -77,7 +80,60 @@ pub fn plan(state: &ClusterState, table: &LeaseTable, now: Millis) -> Vec<Comman
             assigns += 1;
         }
     }
+    if commands.is_empty() {
+        commands.extend(spread(state, table, now, &eligible));
+    }
     commands
+}
+
+/// Asks one owner to hand one slot over when the load is uneven by two or more slots between
+/// two live candidates of the same key, so keys spread over nodes (a node that registered
+/// first would otherwise keep every key).
+///
+/// Conservative on purpose: only when nothing else is to be done, no move is already under
+/// way, every session was heard from recently, and this leadership has lasted longer than any
+/// session's expiry time, so that a session it counts as live is not one that died before it
+/// took over. One move at a time; the owner stops its task before it releases the slot.
+fn spread(
+    state: &ClusterState,
+    table: &LeaseTable,
+    now: Millis,
+    eligible: &dyn Fn(&SessionId) -> bool,
+) -> Option<Command> {
+    let settle = state.sessions.values().map(|s| s.lease.expiry_after_ms()).max().unwrap_or(0);
+    if now.since(table.started()) <= settle {
+        return None;
+    }
+    if !state.sessions.keys().all(eligible) {
+        return None;
+    }
+    let moving = state.keys.values().any(|k| k.slots.iter().flatten().any(|o| o.moving));
+    if moving {
+        return None;
+    }
+    let load = |id: &SessionId| state.sessions.get(id).map_or(0, |s| s.owned.len());
+    // The most loaded session first; within it, its slots in key order.
+    let mut sessions: Vec<&SessionId> = state.sessions.keys().collect();
+    sessions.sort_by(|a, b| load(b).cmp(&load(a)).then(a.cmp(b)));
+    for from in sessions {
+        let from_load = load(from);
+        for (key, slot) in &state.sessions[from].owned {
+            let Some(k) = state.keys.get(key) else { continue };
+            let Some(owner) = k.slots.get(*slot as usize).copied().flatten() else { continue };
+            let owners: BTreeSet<SessionId> = k.slots.iter().flatten().map(|o| o.session).collect();
+            let target_exists = k.candidates.iter().any(|c| {
+                c != from && !owners.contains(c) && eligible(c) && load(c) + 2 <= from_load
+            });
+            if target_exists {
+                return Some(Command::RequestMove {
+                    key: key.clone(),
+                    slot: *slot,
+                    token: owner.token,
+                });
+            }
+        }
+    }
+    None
 }
 
 /// A stable score of how much `node` "wants" `key`: FNV-1a over the key, mixed with the node

@@ -171,6 +171,7 @@ impl ClusterState {
             Command::Send { key, payload, request, floor } => {
                 self.send(key, payload, *request, *floor)
             }
+            Command::RequestMove { key, slot, token } => self.request_move(key, *slot, *token),
             Command::Ack { key, token, upto } => self.ack(key, *token, *upto),
         }
     }
@@ -378,7 +379,7 @@ impl ClusterState {
         }
         self.last_token += 1;
         let token = Token(self.last_token);
-        k.slots[slot as usize] = Some(Owner { session, token });
+        k.slots[slot as usize] = Some(Owner { session, token, moving: false });
         s.owned.insert((key.clone(), slot));
         self.vacant.remove(&(key.clone(), slot));
         Outcome::Assigned { token }
@@ -390,6 +391,21 @@ impl ClusterState {
                 let by = hand_over.then_some(owner.session);
                 self.vacate(key, slot, by);
                 Outcome::Released
+            }
+            _ => Outcome::Rejected(Rejection::StaleToken),
+        }
+    }
+
+    fn request_move(&mut self, key: &Key, slot: u32, token: Token) -> Outcome {
+        let owner = self
+            .keys
+            .get_mut(key)
+            .and_then(|k| k.slots.get_mut(slot as usize))
+            .and_then(Option::as_mut);
+        match owner {
+            Some(owner) if owner.token == token => {
+                owner.moving = true;
+                Outcome::MoveRequested
             }
             _ => Outcome::Rejected(Rejection::StaleToken),
         }

@@ -155,6 +155,15 @@ impl Model {
                     _ => rejected(Rejection::StaleToken),
                 }
             }
+            Command::RequestMove { key, slot, token } => {
+                match self.keys.get_mut(key).and_then(|k| k.slots.get_mut(*slot as usize)) {
+                    Some(Some(owner)) if owner.token == *token => {
+                        owner.moving = true;
+                        Outcome::MoveRequested
+                    }
+                    _ => rejected(Rejection::StaleToken),
+                }
+            }
             Command::Send { key, payload, request, floor } => {
                 self.send(key, payload, *request, *floor)
             }
@@ -277,7 +286,7 @@ impl Model {
         }
         self.last_token += 1;
         let token = Token(self.last_token);
-        k.slots[slot] = Some(Owner { session, token });
+        k.slots[slot] = Some(Owner { session, token, moving: false });
         Outcome::Assigned { token }
     }
 

@@ -3,7 +3,7 @@
 use highlander_core::state::ClusterState;
 use highlander_core::{
     ClientId, Command, Key, KeySpec, LeaseTable, LeaseTerms, Limits, MAX_ASSIGNS_PER_PLAN, Millis,
-    NodeId, Outcome, SessionId, Token, plan, rendezvous,
+    NodeId, Outcome, Rejection, SessionId, Token, plan, rendezvous,
 };
 
 const TERM: u64 = 3;
@@ -448,4 +448,123 @@ fn one_plan_proposes_at_most_max_assigns() {
     assert_eq!(assigns(&second).len(), 10);
     apply_plan(&mut st, &second);
     assert!(st.vacant.is_empty());
+}
+
+// ---- Spreading ---------------------------------------------------------------------------
+
+/// Three sessions heard from at `now`, under a leadership begun at 0; the first owns `n` keys
+/// every session registered.
+fn piled_up(n: usize) -> (ClusterState, [SessionId; 3]) {
+    let mut st = new_state();
+    let s = [open(&mut st, 1), open(&mut st, 2), open(&mut st, 3)];
+    for i in 0..n {
+        let k = format!("k{i}");
+        register(&mut st, s[0], &k, KeySpec::singleton());
+        assign(&mut st, &k, 0, s[0]);
+        register(&mut st, s[1], &k, KeySpec::singleton());
+        register(&mut st, s[2], &k, KeySpec::singleton());
+    }
+    (st, s)
+}
+
+fn settled_table(st: &ClusterState, now: u64) -> LeaseTable {
+    let mut t = LeaseTable::new(TERM, Millis(0));
+    t.observe(st, Millis(0));
+    for id in st.sessions.keys() {
+        t.heard(*id, Millis(now));
+    }
+    t
+}
+
+fn moves(commands: &[Command]) -> Vec<(String, u32, Token)> {
+    commands
+        .iter()
+        .filter_map(|c| match c {
+            Command::RequestMove { key, slot, token } => Some((key.to_string(), *slot, *token)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_settled_leader_asks_the_most_loaded_owner_to_hand_one_slot_over() {
+    let (st, s) = piled_up(4);
+    let now = TTL + MARGIN + 1;
+    let commands = plan(&st, &settled_table(&st, now), Millis(now));
+    let m = moves(&commands);
+    assert_eq!(m.len(), 1, "one move at a time: {commands:?}");
+    let (k, slot, token) = m[0].clone();
+    assert_eq!(st.owner(&key(&k), slot).map(|o| (o.session, o.token)), Some((s[0], token)));
+}
+
+#[test]
+fn spreading_converges_through_the_owners_releases_and_then_stops() {
+    let (mut st, s) = piled_up(6);
+    let now = TTL + MARGIN + 1;
+    for _ in 0..20 {
+        let commands = plan(&st, &settled_table(&st, now), Millis(now));
+        if commands.is_empty() {
+            break;
+        }
+        apply_plan(&mut st, &commands);
+        // The owner stops its task, then releases what it was asked to hand over.
+        let asked: Vec<(Key, u32, Token)> = st
+            .keys
+            .iter()
+            .flat_map(|(k, ks)| {
+                ks.slots.iter().enumerate().filter_map(move |(i, o)| {
+                    o.filter(|o| o.moving).map(|o| (k.clone(), i as u32, o.token))
+                })
+            })
+            .collect();
+        for (key, slot, token) in asked {
+            assert_eq!(
+                st.apply(&Command::Release { key, slot, token, hand_over: true }),
+                Outcome::Released
+            );
+        }
+    }
+    let loads: Vec<usize> = s.iter().map(|id| st.sessions[id].owned.len()).collect();
+    assert_eq!(loads, vec![2, 2, 2], "spread evenly");
+    st.check_consistency().unwrap();
+}
+
+#[test]
+fn no_move_for_an_even_load_a_young_leadership_a_silent_session_or_a_move_under_way() {
+    // A difference of one is not worth a move.
+    let (st, _) = piled_up(1);
+    let now = TTL + MARGIN + 1;
+    assert_eq!(plan(&st, &settled_table(&st, now), Millis(now)), vec![]);
+
+    let (mut st, s) = piled_up(4);
+    // A leadership younger than a session's expiry may count a dead session as live.
+    assert_eq!(plan(&st, &settled_table(&st, TTL), Millis(TTL)), vec![]);
+    // A session not heard from lately might be dying: no moves.
+    let mut t = LeaseTable::new(TERM, Millis(0));
+    t.observe(&st, Millis(0));
+    t.heard(s[0], Millis(now));
+    t.heard(s[1], Millis(now));
+    assert!(moves(&plan(&st, &t, Millis(now))).is_empty());
+    // One move at a time.
+    let first = plan(&st, &settled_table(&st, now), Millis(now));
+    apply_plan(&mut st, &first);
+    assert_eq!(plan(&st, &settled_table(&st, now), Millis(now)), vec![]);
+}
+
+#[test]
+fn a_move_request_with_a_stale_token_is_refused() {
+    let (mut st, s) = piled_up(1);
+    let token = st.owner(&key("k0"), 0).unwrap().token;
+    let stale = Token(token.0 + 100);
+    assert_eq!(
+        st.apply(&Command::RequestMove { key: key("k0"), slot: 0, token: stale }),
+        Outcome::Rejected(Rejection::StaleToken)
+    );
+    assert!(!st.owner(&key("k0"), 0).unwrap().moving);
+    assert_eq!(
+        st.apply(&Command::RequestMove { key: key("k0"), slot: 0, token }),
+        Outcome::MoveRequested
+    );
+    assert_eq!(st.owner(&key("k0"), 0).map(|o| (o.session, o.moving)), Some((s[0], true)));
+    st.check_consistency().unwrap();
 }
