@@ -1,0 +1,169 @@
+//! The stream layout. One request is one bidirectional stream:
+//!
+//! ```text
+//! client → server   [kind: u8][len: u32 big-endian][len bytes]  FIN
+//! server → client   [len: u32 big-endian][len bytes]            FIN
+//! ```
+//!
+//! `kind` [`KIND_FRAME`]: the bytes are one [`Request`](highlander_core::wire::Request)
+//! encoded by `highlander_core::codec`, at most `MAX_FRAME_BYTES`. `kind` [`KIND_SNAPSHOT`]:
+//! the bytes are the payload of a `Request::Raft(RaftMessage::Snapshot(..))`, at most
+//! `MAX_SNAPSHOT_BYTES`, written in [`SNAPSHOT_CHUNK`]-byte pieces at a lower priority so
+//! heartbeats and votes on the same connection overtake it. The response is one
+//! [`Response`](highlander_core::wire::Response) frame. Every length is checked against its
+//! limit before anything is allocated, and bytes after the frame are refused.
+
+use quinn::{ReadError, RecvStream, SendStream, VarInt};
+use std::time::Duration;
+
+/// The stream carries one encoded request.
+pub(crate) const KIND_FRAME: u8 = 1;
+/// The stream carries a snapshot's payload.
+pub(crate) const KIND_SNAPSHOT: u8 = 2;
+/// How much of a snapshot is written at once.
+pub(crate) const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// Snapshot streams yield to everything else (whose priority is 0).
+pub(crate) const SNAPSHOT_PRIORITY: i32 = -1;
+
+/// Application error codes, on streams (`RESET_STREAM`/`STOP_SENDING`) and connections.
+pub(crate) mod code {
+    use quinn::VarInt;
+    /// Orderly close.
+    pub(crate) const SHUTDOWN: VarInt = VarInt::from_u32(0);
+    /// The stream's bytes do not follow the layout or do not decode.
+    pub(crate) const PROTOCOL: VarInt = VarInt::from_u32(1);
+    /// A length above its limit.
+    pub(crate) const TOO_LARGE: VarInt = VarInt::from_u32(2);
+    /// The peer's certificate does not name a member.
+    pub(crate) const UNAUTHORIZED: VarInt = VarInt::from_u32(3);
+    /// The node is not serving (not yet, or shutting down).
+    pub(crate) const NOT_SERVING: VarInt = VarInt::from_u32(4);
+    /// The sender gave up (timeout or cancellation), or the stream stalled.
+    pub(crate) const CANCELLED: VarInt = VarInt::from_u32(5);
+    /// A newer connection from the same peer replaced this one.
+    pub(crate) const SUPERSEDED: VarInt = VarInt::from_u32(6);
+    /// The request handler failed.
+    pub(crate) const INTERNAL: VarInt = VarInt::from_u32(7);
+}
+
+/// Why an inbound stream was refused.
+#[derive(Debug)]
+pub(crate) enum ReadFail {
+    /// A length above its limit.
+    TooLarge { len: usize, limit: usize },
+    /// Not the layout, or not decodable.
+    Malformed(String),
+    /// No progress within the stream idle timeout.
+    Stalled,
+    /// The stream or connection failed (the peer gave up, or went away).
+    Stream(String),
+}
+
+impl ReadFail {
+    pub(crate) fn code(&self) -> VarInt {
+        match self {
+            ReadFail::TooLarge { .. } => code::TOO_LARGE,
+            ReadFail::Malformed(_) => code::PROTOCOL,
+            ReadFail::Stalled | ReadFail::Stream(_) => code::CANCELLED,
+        }
+    }
+}
+
+fn stream_err(e: ReadError) -> ReadFail {
+    ReadFail::Stream(e.to_string())
+}
+
+/// Reads exactly `buf.len()` bytes, each read within `idle`.
+pub(crate) async fn read_exact(
+    recv: &mut RecvStream,
+    buf: &mut [u8],
+    idle: Duration,
+) -> Result<(), ReadFail> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match tokio::time::timeout(idle, recv.read(&mut buf[filled..])).await {
+            Ok(Ok(Some(n))) => filled += n,
+            Ok(Ok(None)) => {
+                return Err(ReadFail::Malformed(format!(
+                    "the stream ended after {filled} of {} bytes",
+                    buf.len()
+                )));
+            }
+            Ok(Err(e)) => return Err(stream_err(e)),
+            Err(_) => return Err(ReadFail::Stalled),
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the end of the stream; any byte before it is an error.
+pub(crate) async fn expect_end(recv: &mut RecvStream, idle: Duration) -> Result<(), ReadFail> {
+    match tokio::time::timeout(idle, recv.read_chunk(1, true)).await {
+        Ok(Ok(None)) => Ok(()),
+        Ok(Ok(Some(_))) => Err(ReadFail::Malformed("bytes after the frame".into())),
+        Ok(Err(e)) => Err(stream_err(e)),
+        Err(_) => Err(ReadFail::Stalled),
+    }
+}
+
+/// Reads a snapshot payload of `len` bytes as it arrives: memory grows with the bytes
+/// received, never with the length claimed.
+pub(crate) async fn read_snapshot(
+    recv: &mut RecvStream,
+    len: usize,
+    idle: Duration,
+) -> Result<Vec<u8>, ReadFail> {
+    let mut chunks = Vec::new();
+    let mut got = 0;
+    while got < len {
+        match tokio::time::timeout(idle, recv.read_chunk(len - got, true)).await {
+            Ok(Ok(Some(chunk))) => {
+                got += chunk.bytes.len();
+                chunks.push(chunk.bytes);
+            }
+            Ok(Ok(None)) => {
+                return Err(ReadFail::Malformed(format!(
+                    "the snapshot ended after {got} of {len} bytes"
+                )));
+            }
+            Ok(Err(e)) => return Err(stream_err(e)),
+            Err(_) => return Err(ReadFail::Stalled),
+        }
+    }
+    expect_end(recv, idle).await?;
+    let mut data = Vec::with_capacity(len);
+    for chunk in chunks {
+        data.extend_from_slice(&chunk);
+    }
+    Ok(data)
+}
+
+/// Writes `[len][body]` in pieces, each within `idle`.
+pub(crate) async fn write_response(
+    send: &mut SendStream,
+    body: Vec<u8>,
+    idle: Duration,
+) -> Result<(), String> {
+    let len = u32::try_from(body.len()).map_err(|_| "response longer than u32".to_string())?;
+    write_timed(send, bytes::Bytes::copy_from_slice(&len.to_be_bytes()), idle).await?;
+    let body = bytes::Bytes::from(body);
+    let mut at = 0;
+    while at < body.len() {
+        let end = (at + SNAPSHOT_CHUNK).min(body.len());
+        write_timed(send, body.slice(at..end), idle).await?;
+        at = end;
+    }
+    send.finish().map_err(|e| e.to_string())
+}
+
+async fn write_timed(
+    send: &mut SendStream,
+    buf: bytes::Bytes,
+    idle: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(idle, send.write_chunk(buf)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the peer took no data within the stream idle timeout".to_string()),
+    }
+}
