@@ -29,6 +29,25 @@ pub enum ConfigError {
         /// This node.
         node: NodeId,
     },
+    /// The configuration file could not be read or parsed.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// What is wrong, with the line for syntax errors.
+        reason: String,
+    },
+    /// A field of the configuration is wrong.
+    #[error("{field}: {reason}")]
+    Field {
+        /// The field, as written in the file (e.g. `peers.2`, `tls.cluster_secret`).
+        field: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The transport refused its configuration.
+    #[error("transport: {0}")]
+    Transport(String),
     /// The timing is unsafe.
     #[error(transparent)]
     Timing(#[from] TimingError),

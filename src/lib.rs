@@ -53,6 +53,7 @@
 mod clock;
 mod config;
 mod error;
+mod file_config;
 mod leader;
 mod node;
 mod observer;
@@ -65,6 +66,7 @@ mod task;
 pub use clock::{SystemClock, WallClock};
 pub use config::{Timing, TimingError};
 pub use error::{ConfigError, Error};
+pub use file_config::NodeConfig;
 pub use highlander_core::wire::{KeyReport, OwnerReport, SessionReport, StatusReport};
 pub use highlander_core::{
     IntoKey, Key, KeyError, KeyKind, KeySpec, Limits, Message, NodeId, Payload, Rejection, Seq,
@@ -72,11 +74,15 @@ pub use highlander_core::{
 };
 pub use node::{Node, NodeBuilder};
 pub use observer::Observer;
-pub use raft::store::MemStorage;
+pub use raft::store::{DiskStorage, MemStorage, Storage};
 pub use task::{RestartPolicy, TaskContext, TaskOptions, TaskResult};
 
 /// The sans-IO core, for transports and tools that speak the wire protocol.
 pub use highlander_core as core;
+/// The QUIC transport with mutual TLS, for production clusters.
+pub use highlander_quic as quic;
+/// The write-ahead log and snapshot files (and the file-system seam under them).
+pub use highlander_wal as wal;
 
 /// The README's examples, compiled as doctests so they stay true.
 #[cfg(doctest)]

@@ -3,10 +3,11 @@
 use crate::clock::{SystemClock, WallClock};
 use crate::config::Timing;
 use crate::error::{ConfigError, Error};
+use crate::file_config::NodeConfig;
 use crate::leader::{self, LeaderState};
 use crate::observer::Observer;
 use crate::proposer::{Proposer, WriteError, WritePath};
-use crate::raft::store::{AppliedState, MemStorage};
+use crate::raft::store::{AppliedState, DiskStorage, MemStorage, Storage};
 use crate::raft::{LocalWriteError, RaftNode};
 use crate::session;
 use crate::supervisor::{self, SupervisorCommand};
@@ -162,6 +163,8 @@ struct Control {
     tasks: Mutex<Option<JoinSet<()>>>,
     supervisor: mpsc::Sender<SupervisorCommand>,
     stopped: AtomicBool,
+    /// Released once Raft has let go of the data directory.
+    disk_lock: Option<highlander_wal::LockWatch>,
 }
 
 impl std::fmt::Debug for Node {
@@ -177,7 +180,7 @@ pub struct NodeBuilder {
     transport: Option<Arc<dyn Transport>>,
     timing: Timing,
     limits: Limits,
-    storage: Option<MemStorage>,
+    storage: Option<Storage>,
     clock: Arc<dyn WallClock>,
     observer: Option<Arc<dyn Observer>>,
 }
@@ -205,6 +208,27 @@ struct Validated {
 }
 
 impl NodeBuilder {
+    /// A builder for the node a `node.toml` file describes, its QUIC transport already bound
+    /// (so this must run inside a tokio runtime). Add an observer or limits, then `start`.
+    pub fn from_config_file(path: impl AsRef<std::path::Path>) -> Result<NodeBuilder, Error> {
+        NodeBuilder::from_config(&NodeConfig::from_file(path)?)
+    }
+
+    /// Like [`from_config_file`](Self::from_config_file), from a parsed configuration.
+    pub fn from_config(config: &NodeConfig) -> Result<NodeBuilder, Error> {
+        let transport = highlander_quic::QuicTransport::bind(config.quic_config())
+            .map_err(|e| ConfigError::Transport(e.to_string()))?;
+        let builder = Node::builder()
+            .id(config.id)
+            .peers(config.peers.keys().copied())
+            .transport(transport)
+            .timing(config.timing);
+        Ok(match &config.data_dir {
+            Some(dir) => builder.data_dir(dir),
+            None => builder,
+        })
+    }
+
     /// This node's id, as it appears in the peer list.
     pub fn id(mut self, id: impl Into<NodeId>) -> Self {
         self.id = Some(id.into());
@@ -239,12 +263,21 @@ impl NodeBuilder {
         self
     }
 
-    /// Keep Raft's log and snapshot in `storage`, which outlives the node: start a node again
-    /// with the same value and it finds what it had (the simulator's restart does this).
-    /// Without it, the node keeps its state in fresh memory and must not be restarted under
-    /// the same id.
-    pub fn storage(mut self, storage: MemStorage) -> Self {
-        self.storage = Some(storage);
+    /// Keep Raft's log, vote and snapshots in `dir` (created if needed): a write-ahead log
+    /// that acknowledges an entry only after it is on disk, and checksummed snapshot files.
+    /// A node restarted on the same directory finds everything it acknowledged. This is what
+    /// production nodes use.
+    pub fn data_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.storage = Some(Storage::Disk(DiskStorage::new(dir)));
+        self
+    }
+
+    /// Keep Raft's state in `storage`: a [`MemStorage`] (the simulator keeps one per node so
+    /// a restarted node finds what it had) or a [`DiskStorage`]. Without this or
+    /// [`data_dir`](Self::data_dir), the node keeps its state in fresh memory and must never
+    /// be restarted under the same id: a voter that forgets its vote or log breaks Raft.
+    pub fn storage(mut self, storage: impl Into<Storage>) -> Self {
+        self.storage = Some(storage.into());
         self
     }
 
@@ -290,14 +323,18 @@ impl NodeBuilder {
     /// once; the node opens its session when a quorum of peers is up (see [`Node::ready`]).
     pub async fn start(self) -> Result<Node, Error> {
         let Validated { id, peers, transport } = self.validate()?;
-        let storage = self.storage.unwrap_or_default();
-        let boot = storage.next_boot();
+        let storage = self.storage.unwrap_or_else(|| Storage::Memory(MemStorage::new()));
+        let boot = match &storage {
+            Storage::Memory(m) => m.next_boot(),
+            Storage::Disk(_) => 0,
+        };
         // Strictly larger on every start of this node id, whatever the wall clock does.
         let incarnation = (self.clock.since_epoch().as_micros() as u64).max(1).saturating_add(boot);
         let applied = AppliedState::new();
-        let raft = RaftNode::start(id, &self.timing, transport.clone(), storage, applied.clone())
-            .await
-            .map_err(Error::Stopped)?;
+        let (raft, disk_lock) =
+            RaftNode::start(id, &self.timing, transport.clone(), storage, applied.clone())
+                .await
+                .map_err(Error::Stopped)?;
         let mut tasks = JoinSet::new();
         let path = WritePath {
             raft: raft.clone(),
@@ -339,12 +376,18 @@ impl NodeBuilder {
                 tasks: Mutex::new(Some(tasks)),
                 supervisor: sup_tx,
                 stopped: AtomicBool::new(false),
+                disk_lock,
             }),
         })
     }
 }
 
 impl Node {
+    /// Starts the node a `node.toml` file describes (see [`NodeConfig`]), over QUIC.
+    pub async fn from_config_file(path: impl AsRef<std::path::Path>) -> Result<Node, Error> {
+        NodeBuilder::from_config_file(path)?.start().await
+    }
+
     /// Starts configuring a node.
     pub fn builder() -> NodeBuilder {
         NodeBuilder::default()
@@ -636,6 +679,19 @@ impl Node {
         }
         self.shared.raft.shutdown().await;
         self.shared.transport.shutdown().await;
+        // openraft drops its storage in tasks of its own after shutdown returns; a node
+        // started again on the same directory in this process must find it unlocked.
+        if let Some(lock) = &self.control.disk_lock {
+            let waited = tokio::time::timeout(Duration::from_secs(5), async {
+                while !lock.released() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await;
+            if waited.is_err() {
+                warn!(node = %self.shared.id, "the data directory is still locked after shutdown");
+            }
+        }
     }
 
     /// Stops the node at once, as if its process were killed: tasks are aborted where they

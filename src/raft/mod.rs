@@ -14,7 +14,7 @@ use openraft::{Config, EmptyNode, ServerState, SnapshotPolicy};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
-use store::{AppliedState, LogStore, MemStorage, StateMachine};
+use store::{AppliedState, Storage};
 
 openraft::declare_raft_types!(
     /// highlander's openraft type configuration: entries carry a [`Batch`] of commands and
@@ -77,19 +77,20 @@ fn raft_config(timing: &Timing) -> Result<Arc<Config>, String> {
 
 impl RaftNode {
     /// Starts Raft over `storage`, talking through `transport`.
+    /// Starts Raft over `storage`, talking through `transport`. For a data directory, also
+    /// returns a watch that tells when Raft has let go of it.
     pub(crate) async fn start(
         id: NodeId,
         timing: &Timing,
         transport: Arc<dyn Transport>,
-        storage: MemStorage,
+        storage: Storage,
         applied: Arc<AppliedState>,
-    ) -> Result<RaftNode, String> {
+    ) -> Result<(RaftNode, Option<highlander_wal::LockWatch>), String> {
         let config = raft_config(timing)?;
         let network = network::Network::new(transport, timing.heartbeat);
-        let log = LogStore::new(storage.clone());
-        let sm = StateMachine::open(storage, applied).map_err(|e| e.to_string())?;
+        let (log, sm, lock) = store::open(storage, applied)?;
         let raft = Raft::new(id.0, config, network, log, sm).await.map_err(|e| e.to_string())?;
-        Ok(RaftNode { raft, id })
+        Ok((RaftNode { raft, id }, lock))
     }
 
     /// Forms the cluster from the static peer list if this node's storage is new. Every node
@@ -227,17 +228,17 @@ pub(crate) use network::response_kind;
 #[cfg(test)]
 mod tests {
     use super::TypeConfig;
-    use super::store::{AppliedState, LogStore, MemStorage, StateMachine};
+    use super::store::{AppliedState, MemLog, MemStorage, StateMachine};
     use openraft::StorageError;
     use openraft::testing::{StoreBuilder, Suite};
 
     struct MemBuilder;
 
-    impl StoreBuilder<TypeConfig, LogStore, StateMachine, ()> for MemBuilder {
-        async fn build(&self) -> Result<((), LogStore, StateMachine), StorageError<u64>> {
+    impl StoreBuilder<TypeConfig, MemLog, StateMachine, ()> for MemBuilder {
+        async fn build(&self) -> Result<((), MemLog, StateMachine), StorageError<u64>> {
             let storage = MemStorage::new();
-            let sm = StateMachine::open(storage.clone(), AppliedState::new())?;
-            Ok(((), LogStore::new(storage), sm))
+            let sm = StateMachine::in_memory(storage.clone(), AppliedState::new())?;
+            Ok(((), MemLog::new(storage), sm))
         }
     }
 

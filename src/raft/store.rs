@@ -10,6 +10,7 @@
 
 use super::{LogId, TypeConfig};
 use highlander_core::{ClusterState, Outcome, codec};
+use highlander_wal::{Fs, IoMode, LockWatch, RealFs, SnapshotStore};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
     EmptyNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, RaftLogReader, RaftSnapshotBuilder,
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::watch;
 
@@ -86,20 +88,20 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
-/// The log half of the store. Clones share the same storage (openraft's replication tasks
-/// read through clones).
+/// The in-memory log. Clones share the same storage (openraft's replication tasks read
+/// through clones).
 #[derive(Clone)]
-pub(crate) struct LogStore {
+pub(crate) struct MemLog {
     storage: MemStorage,
 }
 
-impl LogStore {
-    pub(crate) fn new(storage: MemStorage) -> LogStore {
-        LogStore { storage }
+impl MemLog {
+    pub(crate) fn new(storage: MemStorage) -> MemLog {
+        MemLog { storage }
     }
 }
 
-impl RaftLogReader<TypeConfig> for LogStore {
+impl RaftLogReader<TypeConfig> for MemLog {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
@@ -109,8 +111,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
-impl RaftLogStorage<TypeConfig> for LogStore {
-    type LogReader = LogStore;
+impl RaftLogStorage<TypeConfig> for MemLog {
+    type LogReader = MemLog;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
         let d = lock(&self.storage.disk);
@@ -173,6 +175,272 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// Where a node keeps Raft's log and snapshots: what survives its restart.
+pub enum Storage {
+    /// In memory: for the simulator and for ephemeral nodes that are never restarted under
+    /// the same id.
+    Memory(MemStorage),
+    /// In a data directory: the write-ahead log and snapshot files of `highlander-wal`.
+    Disk(DiskStorage),
+}
+
+impl From<MemStorage> for Storage {
+    fn from(m: MemStorage) -> Storage {
+        Storage::Memory(m)
+    }
+}
+
+impl From<DiskStorage> for Storage {
+    fn from(d: DiskStorage) -> Storage {
+        Storage::Disk(d)
+    }
+}
+
+/// A data directory for the write-ahead log and snapshots.
+#[derive(Clone)]
+pub struct DiskStorage {
+    pub(crate) fs: Arc<dyn Fs>,
+    pub(crate) dir: PathBuf,
+    pub(crate) io: IoMode,
+    pub(crate) options: highlander_wal::Options,
+}
+
+impl std::fmt::Debug for DiskStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskStorage").field("dir", &self.dir).field("io", &self.io).finish()
+    }
+}
+
+impl DiskStorage {
+    /// The directory `dir` on the real file system. Log writes and their `fdatasync` run on
+    /// a thread of their own, so no executor thread blocks on the disk.
+    pub fn new(dir: impl Into<PathBuf>) -> DiskStorage {
+        DiskStorage {
+            fs: Arc::new(RealFs),
+            dir: dir.into(),
+            io: IoMode::Thread,
+            options: highlander_wal::Options::default(),
+        }
+    }
+
+    /// The directory `dir` on another file system, such as the simulator's power-loss
+    /// [`SimFs`](highlander_wal::SimFs). I/O runs on the calling task, so a paused clock
+    /// cannot run ahead of a write.
+    /// Segments are small (256 KiB), since a simulated disk keeps them in memory.
+    pub fn simulated(fs: Arc<dyn Fs>, dir: impl Into<PathBuf>) -> DiskStorage {
+        let mut options = highlander_wal::Options::default();
+        options.wal.segment_size = 256 << 10;
+        DiskStorage { fs, dir: dir.into(), io: IoMode::Inline, options }
+    }
+}
+
+/// The log, whichever storage holds it.
+pub(crate) enum Log {
+    Mem(MemLog),
+    Wal(Box<highlander_wal::LogStore<TypeConfig>>),
+}
+
+/// A reader of the log, whichever storage holds it.
+#[derive(Clone)]
+pub(crate) enum Reader {
+    Mem(MemLog),
+    Wal(highlander_wal::LogReader<TypeConfig>),
+}
+
+impl RaftLogReader<TypeConfig> for Reader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        match self {
+            Reader::Mem(m) => m.try_get_log_entries(range).await,
+            Reader::Wal(w) => w.try_get_log_entries(range).await,
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for Log {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        match self {
+            Log::Mem(m) => m.try_get_log_entries(range).await,
+            Log::Wal(w) => w.try_get_log_entries(range).await,
+        }
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for Log {
+    type LogReader = Reader;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        match self {
+            Log::Mem(m) => m.get_log_state().await,
+            Log::Wal(w) => w.get_log_state().await,
+        }
+    }
+
+    async fn get_log_reader(&mut self) -> Reader {
+        match self {
+            Log::Mem(m) => Reader::Mem(m.get_log_reader().await),
+            Log::Wal(w) => Reader::Wal(w.get_log_reader().await),
+        }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> StorageResult<()> {
+        match self {
+            Log::Mem(m) => m.save_vote(vote).await,
+            Log::Wal(w) => w.save_vote(vote).await,
+        }
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<u64>>> {
+        match self {
+            Log::Mem(m) => m.read_vote().await,
+            Log::Wal(w) => w.read_vote().await,
+        }
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> StorageResult<()> {
+        match self {
+            Log::Mem(m) => m.save_committed(committed).await,
+            Log::Wal(w) => w.save_committed(committed).await,
+        }
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId>> {
+        match self {
+            Log::Mem(m) => m.read_committed().await,
+            Log::Wal(w) => w.read_committed().await,
+        }
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        match self {
+            Log::Mem(m) => m.append(entries, callback).await,
+            Log::Wal(w) => w.append(entries, callback).await,
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> StorageResult<()> {
+        match self {
+            Log::Mem(m) => m.truncate(log_id).await,
+            Log::Wal(w) => w.truncate(log_id).await,
+        }
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> StorageResult<()> {
+        match self {
+            Log::Mem(m) => m.purge(log_id).await,
+            Log::Wal(w) => w.purge(log_id).await,
+        }
+    }
+}
+
+/// Where snapshots are kept.
+#[derive(Clone)]
+enum SnapshotHome {
+    Mem(MemStorage),
+    Disk { store: SnapshotStore, io: IoMode },
+}
+
+impl SnapshotHome {
+    /// Makes a snapshot durable before it counts (purging the log relies on it).
+    async fn save(&self, snapshot: StoredSnapshot) -> StorageResult<()> {
+        match self {
+            SnapshotHome::Mem(m) => {
+                lock(&m.disk).snapshot = Some(snapshot);
+                Ok(())
+            }
+            SnapshotHome::Disk { store, io } => {
+                let meta = codec::encode(&snapshot.meta).map_err(|e| {
+                    storage_error(
+                        ErrorSubject::StateMachine,
+                        ErrorVerb::Write,
+                        format!("encode snapshot meta: {e}"),
+                    )
+                })?;
+                let last = snapshot.meta.last_log_id.as_ref().map(highlander_wal::entry_id);
+                let store = store.clone();
+                let write = move || store.save(last, &meta, &snapshot.data);
+                let result = match io {
+                    IoMode::Inline => write(),
+                    IoMode::Thread => tokio::task::spawn_blocking(write).await.map_err(|e| {
+                        storage_error(ErrorSubject::StateMachine, ErrorVerb::Write, e.to_string())
+                    })?,
+                };
+                result.map(|_| ()).map_err(|e| {
+                    storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e.to_string())
+                })
+            }
+        }
+    }
+
+    /// The newest durable snapshot, verified.
+    fn latest(&self) -> StorageResult<Option<StoredSnapshot>> {
+        match self {
+            SnapshotHome::Mem(m) => Ok(lock(&m.disk).snapshot.clone()),
+            SnapshotHome::Disk { store, .. } => {
+                let Some(info) = store.latest() else { return Ok(None) };
+                let loaded = store.load(&info).map_err(|e| {
+                    storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e.to_string())
+                })?;
+                stored_from_disk(&loaded.meta, loaded.data).map(Some)
+            }
+        }
+    }
+}
+
+fn stored_from_disk(meta: &[u8], data: Vec<u8>) -> StorageResult<StoredSnapshot> {
+    let meta = codec::decode(meta).map_err(|e| {
+        storage_error(
+            ErrorSubject::Snapshot(None),
+            ErrorVerb::Read,
+            format!("snapshot meta does not decode: {e}"),
+        )
+    })?;
+    Ok(StoredSnapshot { meta, data })
+}
+
+/// Opens a node's storage: the log for openraft, the state machine (rebuilt from the newest
+/// snapshot), and, for a data directory, a watch on its lock.
+pub(crate) fn open(
+    storage: Storage,
+    applied: Arc<AppliedState>,
+) -> Result<(Log, StateMachine, Option<LockWatch>), String> {
+    match storage {
+        Storage::Memory(m) => {
+            let sm = StateMachine::open(SnapshotHome::Mem(m.clone()), applied, None)
+                .map_err(|e| e.to_string())?;
+            Ok((Log::Mem(MemLog::new(m)), sm, None))
+        }
+        Storage::Disk(d) => {
+            let opened = highlander_wal::open(d.fs.clone(), &d.dir, d.options.clone())
+                .map_err(|e| e.to_string())?;
+            let recovery = &opened.recovery;
+            tracing::info!(
+                dir = %d.dir.display(),
+                created = recovery.created,
+                elapsed_ms = recovery.elapsed.as_millis() as u64,
+                "data directory opened"
+            );
+            let initial = match opened.snapshot {
+                Some(s) => Some(stored_from_disk(&s.meta, s.data).map_err(|e| e.to_string())?),
+                None => None,
+            };
+            let home = SnapshotHome::Disk { store: opened.snapshots, io: d.io };
+            let sm = StateMachine::open(home, applied, initial).map_err(|e| e.to_string())?;
+            let log = highlander_wal::LogStore::new(opened.wal, d.io).map_err(|e| e.to_string())?;
+            Ok((Log::Wal(Box::new(log)), sm, Some(opened.lock)))
+        }
+    }
+}
+
 /// What a snapshot file holds.
 #[derive(Serialize, Deserialize)]
 struct SnapshotBody {
@@ -229,18 +497,22 @@ impl AppliedState {
 
 /// The state machine half of the store.
 pub(crate) struct StateMachine {
-    storage: MemStorage,
+    home: SnapshotHome,
     applied: Arc<AppliedState>,
 }
 
 impl StateMachine {
-    /// Opens the state machine over `storage`, rebuilding the applied state from its
-    /// snapshot if it has one.
-    pub(crate) fn open(
-        storage: MemStorage,
+    /// Opens the state machine, rebuilding the applied state from `initial` (or, if none is
+    /// given, from the newest snapshot in `home`).
+    fn open(
+        home: SnapshotHome,
         applied: Arc<AppliedState>,
+        initial: Option<StoredSnapshot>,
     ) -> StorageResult<StateMachine> {
-        let snapshot = lock(&storage.disk).snapshot.clone();
+        let snapshot = match initial {
+            Some(s) => Some(s),
+            None => home.latest()?,
+        };
         if let Some(s) = snapshot {
             let body = decode_snapshot(&s.meta, &s.data)?;
             let mut a = applied.write();
@@ -248,7 +520,16 @@ impl StateMachine {
             a.last_applied = s.meta.last_log_id;
             a.membership = s.meta.last_membership.clone();
         }
-        Ok(StateMachine { storage, applied })
+        Ok(StateMachine { home, applied })
+    }
+
+    /// An in-memory state machine over `storage`, for tests.
+    #[cfg(test)]
+    pub(crate) fn in_memory(
+        storage: MemStorage,
+        applied: Arc<AppliedState>,
+    ) -> StorageResult<StateMachine> {
+        StateMachine::open(SnapshotHome::Mem(storage), applied, None)
     }
 }
 
@@ -320,7 +601,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { storage: self.storage.clone(), applied: self.applied.clone() }
+        SnapshotBuilder { home: self.home.clone(), applied: self.applied.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Vec<u8>>> {
@@ -334,6 +615,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> StorageResult<()> {
         // Decode and check before anything is replaced: a bad snapshot changes nothing.
         let body = decode_snapshot(meta, &snapshot)?;
+        // Durable before the state is swapped: a crash right after must not find an older
+        // snapshot with a log that was truncated for this one.
+        self.home.save(StoredSnapshot { meta: meta.clone(), data: *snapshot }).await?;
         let index = {
             let mut a = self.applied.write();
             a.state = body.state;
@@ -341,14 +625,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             a.membership = meta.last_membership.clone();
             a.last_applied.map(|l| l.index).unwrap_or(0)
         };
-        lock(&self.storage.disk).snapshot =
-            Some(StoredSnapshot { meta: meta.clone(), data: *snapshot });
         self.applied.notify(index);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let s = lock(&self.storage.disk).snapshot.clone();
+        let s = self.home.latest()?;
         Ok(s.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(s.data) }))
     }
 }
@@ -356,7 +638,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 /// Builds snapshots from a copy of the applied state, so `apply` is not held up while the
 /// copy is encoded.
 pub(crate) struct SnapshotBuilder {
-    storage: MemStorage,
+    home: SnapshotHome,
     applied: Arc<AppliedState>,
 }
 
@@ -380,8 +662,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let meta =
             SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
-        lock(&self.storage.disk).snapshot =
-            Some(StoredSnapshot { meta: meta.clone(), data: data.clone() });
+        self.home.save(StoredSnapshot { meta: meta.clone(), data: data.clone() }).await?;
         Ok(Snapshot { meta, snapshot: Box::new(data) })
     }
 }

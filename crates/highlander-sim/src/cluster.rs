@@ -1,12 +1,14 @@
-//! [`SimCluster`]: a whole highlander cluster in one process, on the simulated network and
-//! tokio's paused clock, with the invariant checker watching every node.
+//! [`SimCluster`]: a whole highlander cluster in one process, on the simulated network, a
+//! simulated disk per node and tokio's paused clock, with the invariant checker watching
+//! every node.
 
 use crate::checker::{Event, InvariantChecker, Violation};
 use crate::network::{LinkFaults, SimNetwork};
 use highlander::core::BoxFuture;
+use highlander::wal::{CrashMode, SimFs};
 use highlander::{
-    Error, Key, Limits, MemStorage, Node, NodeId, Observer, Payload, Seq, StatusReport, Timing,
-    Token, WallClock,
+    DiskStorage, Error, Key, Limits, MemStorage, Node, NodeId, Observer, Payload, Seq,
+    StatusReport, Storage, Timing, Token, WallClock,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,6 +26,7 @@ pub struct SimClusterBuilder {
     timing: Timing,
     limits: Limits,
     setup: Option<Setup>,
+    memory: bool,
 }
 
 impl Default for SimClusterBuilder {
@@ -34,6 +37,7 @@ impl Default for SimClusterBuilder {
             timing: Timing::default(),
             limits: Limits::default(),
             setup: None,
+            memory: false,
         }
     }
 }
@@ -61,6 +65,15 @@ impl SimClusterBuilder {
     /// The nodes' queue limits.
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Keep each node's Raft state in memory instead of on its simulated disk. By default
+    /// every node has a write-ahead log on a power-loss simulating file system
+    /// ([`SimFs`]) that survives its restarts, and a kill loses or tears what was not
+    /// synced, as a power cut would.
+    pub fn memory_storage(mut self) -> Self {
+        self.memory = true;
         self
     }
 
@@ -96,7 +109,12 @@ impl SimClusterBuilder {
             seed: self.seed,
         };
         for id in cluster.peers.clone() {
-            cluster.nodes.insert(id, SimNode { storage: MemStorage::new(), node: None });
+            let disk = if self.memory {
+                NodeDisk::Memory(MemStorage::new())
+            } else {
+                NodeDisk::Sim(SimFs::new(self.seed ^ id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+            };
+            cluster.nodes.insert(id, SimNode { disk, node: None });
             cluster.boot(id).await?;
         }
         for id in cluster.peers.clone() {
@@ -107,8 +125,25 @@ impl SimClusterBuilder {
 }
 
 struct SimNode {
-    storage: MemStorage,
+    disk: NodeDisk,
     node: Option<Node>,
+}
+
+/// What survives a node's restart.
+enum NodeDisk {
+    Memory(MemStorage),
+    Sim(SimFs),
+}
+
+impl NodeDisk {
+    fn storage(&self, id: NodeId) -> Storage {
+        match self {
+            NodeDisk::Memory(m) => Storage::Memory(m.clone()),
+            NodeDisk::Sim(fs) => {
+                Storage::Disk(DiskStorage::simulated(Arc::new(fs.clone()), format!("/{id}")))
+            }
+        }
+    }
 }
 
 /// A simulated cluster: real highlander nodes, a simulated network, simulated time.
@@ -184,8 +219,14 @@ impl SimCluster {
     pub async fn kill(&mut self, id: impl Into<NodeId>) {
         let id = id.into();
         self.net.set_down(id, true);
-        if let Some(node) = self.nodes.get_mut(&id).and_then(|n| n.node.take()) {
-            node.kill().await;
+        if let Some(n) = self.nodes.get_mut(&id) {
+            if let Some(node) = n.node.take() {
+                node.kill().await;
+            }
+            // The power goes out with the process: whatever was not synced is lost or torn.
+            if let NodeDisk::Sim(fs) = &n.disk {
+                fs.crash(CrashMode::Torn);
+            }
         }
     }
 
@@ -232,7 +273,7 @@ impl SimCluster {
 
     async fn boot(&mut self, id: NodeId) -> Result<(), Error> {
         let storage = match self.nodes.get(&id) {
-            Some(n) => n.storage.clone(),
+            Some(n) => n.disk.storage(id),
             None => return Err(Error::Config(highlander::ConfigError::OwnIdMissing(id))),
         };
         let transport = self.net.transport(id);
