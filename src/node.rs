@@ -570,6 +570,17 @@ impl Node {
         if payload.len() as u64 > u64::from(max) {
             return Err(Error::PayloadTooLarge { size: payload.len() as u64, max: u64::from(max) });
         }
+        // The cluster de-duplicates sends per process, and learns of this process (its
+        // incarnation) only when its session opens: a send before that would be refused as
+        // coming from a stale client.
+        if session::wait_for_session(&self.shared, self.shared.timing.write_timeout).await.is_none()
+        {
+            return Err(self.shared.fatal().unwrap_or_else(|| {
+                Error::Unavailable(
+                    "no session: the node has not reached a quorum since it started".into(),
+                )
+            }));
+        }
         let (serial, floor, _guard) = self.shared.requests.begin();
         let command = Command::Send {
             key: key.clone(),

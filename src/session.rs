@@ -26,6 +26,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         shared.set_lease(Lease { session: Some(session), deadline: None });
         register_all(&shared, session).await;
         keep_alive(&shared, session).await;
+        if shared.is_stopping() {
+            // A graceful stop: the lease stays as it is, so its deadline still bounds how long
+            // the supervisor lets tasks finish; it is never renewed again.
+            return;
+        }
         // The session ended: nothing it owned may run any more.
         shared.set_lease(Lease::default());
         attempt = attempt.wrapping_add(1);

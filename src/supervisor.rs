@@ -514,7 +514,16 @@ impl Supervisor {
         for r in self.running.values() {
             let _ = r.cancel.send(true);
         }
-        let deadline = Instant::now() + grace;
+        // The grace never runs past the lease deadline, nor past an abort already scheduled:
+        // a node cut off from the cluster may be shut down just before its lease lapses, and
+        // the leader may give its slots away right after that deadline.
+        let now = Instant::now();
+        let lease_end = self.shared.lease().deadline.unwrap_or(now);
+        let deadline = self
+            .running
+            .values()
+            .filter_map(|r| r.stopping.as_ref().map(|st| st.abort_at))
+            .fold((now + grace).min(lease_end), Instant::min);
         while !self.running.is_empty() {
             tokio::select! {
                 Some(done) = self.tasks.join_next_with_id() => {

@@ -187,6 +187,41 @@ async fn a_cut_off_owner_that_ignores_cancellation_is_aborted_in_time() {
     sim.assert_invariants();
 }
 
+/// A cut-off owner that is shut down gracefully just before its lease deadline must still
+/// stop its task by that deadline, not one stop grace after the shutdown began (found by the
+/// fault search, seed 2685).
+#[tokio::test(start_paused = true)]
+async fn a_graceful_shutdown_never_outlasts_the_lease_deadline() {
+    init_tracing();
+    for delay_ms in [1400u64, 1500, 1600, 1700, 1800] {
+        let journal = Journal::default();
+        let j = journal.clone();
+        let mut sim = SimCluster::builder()
+            .nodes(3)
+            .seed(18)
+            .setup(move |node| {
+                let j = j.clone();
+                async move { node.singleton("stubborn", j.stubborn()).await }
+            })
+            .build()
+            .await
+            .unwrap();
+        let (owner, _) = owned(&sim, "stubborn").await;
+        let others: Vec<u64> = sim.ids().into_iter().filter(|n| *n != owner).map(|n| n.0).collect();
+        sim.run_for(Duration::from_millis(300)).await;
+        sim.partition(&[owner.0], &others);
+        sim.run_for(Duration::from_millis(delay_ms)).await;
+        // Shut down in the window between "asked to stop" and the lease deadline.
+        sim.shutdown(owner).await;
+        sim.wait_until(Duration::from_secs(10), |_| {
+            journal.starts("stubborn").iter().any(|(n, _, _)| *n != owner)
+        })
+        .await
+        .expect("the majority side takes the key over");
+        sim.assert_invariants();
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_one_way_cut_from_the_leader_still_fails_over_safely() {
     let journal = Journal::default();

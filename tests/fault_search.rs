@@ -180,7 +180,11 @@ async fn run_seed(seed: u64) -> Result<String, String> {
 
     let mut serial = 0u64;
     let mut acknowledged = 0u64;
+    let trace = std::env::var("HIGHLANDER_SIM_TRACE").is_ok();
     for step in &schedule.steps {
+        if trace {
+            eprintln!("[{:>8.3}s] {step}", sim.now().as_secs_f64());
+        }
         match step {
             Step::Kill(n) => sim.kill(*n).await,
             Step::Shutdown(n) => sim.shutdown(*n).await,
