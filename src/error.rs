@@ -123,6 +123,9 @@ pub enum Error {
     /// Raft stopped on this node (a storage failure or a shutdown).
     #[error("the node has stopped: {0}")]
     Stopped(String),
+    /// Durable storage failed or holds damaged data; the node stops rather than risk a lie.
+    #[error("storage: {0}")]
+    Storage(String),
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] TransportError),

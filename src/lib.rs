@@ -54,6 +54,7 @@ mod clock;
 mod config;
 mod error;
 mod file_config;
+mod inspect;
 mod leader;
 mod node;
 mod observer;
@@ -72,6 +73,7 @@ pub use highlander_core::{
     IntoKey, Key, KeyError, KeyKind, KeySpec, Limits, Message, NodeId, Payload, Rejection, Seq,
     SessionId, Token, Transport, TransportError,
 };
+pub use inspect::{DataDirReport, DumpedEntry, dump_data_dir, verify_data_dir};
 pub use node::{Node, NodeBuilder};
 pub use observer::Observer;
 pub use raft::store::{DiskStorage, MemStorage, Storage};

@@ -242,7 +242,13 @@ async fn a_node_without_a_quorum_says_so_instead_of_sending() {
     init_tracing();
     let net = SimNetwork::new(3);
     // Only one of three nodes is up: it can never open a session.
-    let node = Node::builder().id(1).peers([1, 2, 3]).transport(net.transport(NodeId(1))).start().await.unwrap();
+    let node = Node::builder()
+        .id(1)
+        .peers([1, 2, 3])
+        .transport(net.transport(NodeId(1)))
+        .start()
+        .await
+        .unwrap();
     match node.send("k", "x").await {
         Err(Error::Unavailable(reason)) => assert!(reason.contains("quorum"), "{reason}"),
         other => panic!("expected Unavailable, got {other:?}"),
