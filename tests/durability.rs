@@ -104,3 +104,55 @@ async fn a_cluster_that_loses_power_keeps_its_singletons_tokens_and_messages() {
     );
     sim.assert_invariants();
 }
+
+#[tokio::test(start_paused = true)]
+async fn snapshots_compact_the_log_and_a_restart_starts_from_them() {
+    init_tracing();
+    let journal = Journal::default();
+    let j = journal.clone();
+    let mut sim = SimCluster::builder()
+        .nodes(3)
+        .seed(52)
+        .setup(move |node| {
+            let j = j.clone();
+            async move { node.singleton("stream", j.consumer()).await }
+        })
+        .build()
+        .await
+        .unwrap();
+    sim.wait_until(Duration::from_secs(5), |s| s.owners("stream")[0].is_some()).await.unwrap();
+    // One entry per send (sequential), several snapshots' worth.
+    for i in 0..2500 {
+        sim.send(1 + i % 3, "stream", format!("m{i}")).await.unwrap();
+    }
+    sim.wait_until(Duration::from_secs(10), |s| s.checker().check_all_delivered().is_ok())
+        .await
+        .unwrap();
+    sim.run_for(Duration::from_secs(1)).await;
+    let applied = sim.status().unwrap().applied_index;
+
+    sim.kill(2).await;
+    let disk = sim.disk(2).unwrap();
+    let inspection = highlander::wal::inspect(Arc::new(disk), "/n2").unwrap();
+    let state = inspection.reader.log_state();
+    let purged = state.last_purged.map(|p| p.index).unwrap_or(0);
+    let kept = state.last.map(|l| l.index).unwrap_or(0) - purged;
+    println!(
+        "applied {applied}, purged up to {purged}, {kept} entries kept, {} snapshots",
+        inspection.snapshots.len()
+    );
+    assert!(purged > 2000, "the log was compacted behind a snapshot");
+    assert!(kept < 3000, "the log stays bounded: {kept} entries");
+    assert!(
+        !inspection.snapshots.is_empty() && inspection.snapshots.len() <= 2,
+        "the two newest snapshots are kept"
+    );
+
+    // Restarted from its snapshot and the rest of its log, the node serves again.
+    sim.restart(2).await.unwrap();
+    sim.send(2, "stream", "after").await.unwrap();
+    sim.wait_until(Duration::from_secs(10), |s| s.checker().check_all_delivered().is_ok())
+        .await
+        .unwrap();
+    sim.assert_invariants();
+}

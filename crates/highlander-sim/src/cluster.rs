@@ -199,6 +199,15 @@ impl SimCluster {
         self.try_node(id).unwrap_or_else(|| panic!("node {id} is not running"))
     }
 
+    /// A node's simulated disk (`None` with [`SimClusterBuilder::memory_storage`]), to inspect
+    /// or to damage. Its data directory is `/n<id>`.
+    pub fn disk(&self, id: impl Into<NodeId>) -> Option<SimFs> {
+        match &self.nodes.get(&id.into())?.disk {
+            NodeDisk::Sim(fs) => Some(fs.clone()),
+            NodeDisk::Memory(_) => None,
+        }
+    }
+
     /// The simulated network, for finer faults.
     pub fn network(&self) -> &SimNetwork {
         &self.net
