@@ -101,7 +101,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     wait_for("an owner", Duration::from_secs(10), || !seen.lock().unwrap().runs.is_empty()).await;
 
     let mut acknowledged = send_from(&nodes, "before", 10).await;
-    println!("sent {} messages from every node", acknowledged.len());
+    println!("sent 10 messages from each node: {} acknowledged", acknowledged.len());
 
     let (owner, token, _) = seen.lock().unwrap().runs[0];
     println!("\nkilling {owner}, the owner (no hand-over: its session must expire)");
@@ -138,8 +138,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (last, last_token, at) =
         *seen.lock().unwrap().runs.iter().find(|(_, _, at)| *at > began).unwrap();
     println!(
-        "graceful hand-over: {} ms, {new_owner}/{new_token} -> {last}/{last_token}",
-        (at - began).as_millis()
+        "graceful hand-over: {:.2} ms, {new_owner}/{new_token} -> {last}/{last_token}",
+        (at - began).as_secs_f64() * 1000.0
     );
     handover.await?;
     for node in nodes.values() {
