@@ -645,7 +645,10 @@ impl Node {
         if let Some(session) = session {
             let mut commands = acks;
             commands.push(Command::CloseSession { session });
-            if let Err(e) = shared.proposer.write(commands).await {
+            // Bounded by what a leader change takes: with no quorum to write to, the session
+            // expires by itself and a shutdown should not hang for the whole write timeout.
+            let bound = shared.timing.election_bound() * 2;
+            if let Err(e) = shared.proposer.write_within(commands, bound).await {
                 warn!(node = %shared.id, error = ?e, "could not close the session; it will expire");
             } else {
                 self.await_handover(session, &owned).await;

@@ -1,0 +1,170 @@
+//! The `highlander` command: the operator's tool for a highlander cluster.
+//!
+//! - `highlander secret` prints a new cluster secret (for `tls.cluster_secret_file`).
+//! - `highlander certs init` makes a cluster CA; `highlander certs issue` signs a node's
+//!   certificate with it (the PEM-file way to set up trust).
+//! - `highlander status` asks a running node, over QUIC with the cluster's credentials from a
+//!   `node.toml`, for its leader, term, members, sessions, and every key's owners, fencing
+//!   tokens and queue depth; as a table, or as JSON with `--json`.
+//! - `highlander wal verify` and `highlander wal dump` check and print a stopped node's data
+//!   directory.
+//! - `highlander check-config` reads a `node.toml` as a node would and says what it means.
+//!
+//! Exit codes: 0 on success, 1 when the command failed, 2 when the command line is wrong.
+//! Every error names the argument or the configuration field at fault.
+
+mod args;
+mod certs;
+mod check;
+mod status;
+mod wal;
+
+use args::{CliError, Command, Parsed};
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+Usage: highlander <command> [options]
+
+Commands:
+  secret         print a new cluster secret
+  certs init     make a cluster CA (ca.pem, ca.key)
+  certs issue    issue a node certificate signed by the CA
+  status         ask a running node for the cluster's state (owners, tokens, queues)
+  wal verify     check a stopped node's data directory
+  wal dump       print the Raft log of a stopped node's data directory
+  check-config   check a node.toml and print what it means
+
+Run `highlander <command> --help` for a command's options.";
+
+type Run = fn(&Parsed) -> Result<(), CliError>;
+
+/// Every command, with the words that name it and what runs it.
+static COMMANDS: &[(&[&str], &Command, Run)] = &[
+    (&["secret"], &certs::SECRET, certs::secret),
+    (&["certs", "init"], &certs::INIT, certs::init),
+    (&["certs", "issue"], &certs::ISSUE, certs::issue),
+    (&["status"], &status::STATUS, status::status),
+    (&["wal", "verify"], &wal::VERIFY, wal::verify),
+    (&["wal", "dump"], &wal::DUMP, wal::dump),
+    (&["check-config"], &check::CHECK_CONFIG, check::check_config),
+];
+
+fn main() -> ExitCode {
+    let mut args = Vec::new();
+    for (i, arg) in std::env::args_os().skip(1).enumerate() {
+        match arg.into_string() {
+            Ok(arg) => args.push(arg),
+            Err(arg) => {
+                let message = format!("argument {} ({arg:?}) is not valid UTF-8", i + 1);
+                return report(CliError::Usage { command: None, message });
+            }
+        }
+    }
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report(e),
+    }
+}
+
+fn run(args: &[String]) -> Result<(), CliError> {
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        [] => Err(CliError::Usage { command: None, message: "no command given".into() }),
+        ["-h" | "--help" | "help"] => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        ["-V" | "--version"] => {
+            println!("highlander {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        [group @ ("certs" | "wal"), "-h" | "--help"] | ["help", group @ ("certs" | "wal")] => {
+            println!("{}", group_usage(group));
+            Ok(())
+        }
+        ["help", topic @ ..] => match find(topic) {
+            Some((command, _, [])) => {
+                print_help(command);
+                Ok(())
+            }
+            _ => Err(CliError::Usage {
+                command: None,
+                message: format!("no help for {:?}", topic.join(" ")),
+            }),
+        },
+        _ => {
+            let Some((command, run, rest)) = find(&words) else {
+                return Err(unknown(&words));
+            };
+            match args::parse(command, &args[args.len() - rest.len()..])? {
+                None => {
+                    print_help(command);
+                    Ok(())
+                }
+                Some(parsed) => run(&parsed),
+            }
+        }
+    }
+}
+
+/// The command named by the first words of `words`, and the words after its name.
+fn find<'a>(words: &'a [&'a str]) -> Option<(&'static Command, Run, &'a [&'a str])> {
+    COMMANDS.iter().find_map(|(name, command, run)| {
+        words.starts_with(name).then(|| (*command, *run, &words[name.len()..]))
+    })
+}
+
+fn unknown(words: &[&str]) -> CliError {
+    let message = match words {
+        [] => "no command given".to_string(),
+        [group @ ("certs" | "wal")] => {
+            let subs: Vec<&str> = COMMANDS
+                .iter()
+                .filter(|(name, _, _)| name[0] == *group)
+                .map(|(name, _, _)| name[1])
+                .collect();
+            format!("`highlander {group}` needs a subcommand: {}", subs.join(" or "))
+        }
+        [group @ ("certs" | "wal"), sub, ..] => {
+            format!("unknown subcommand {sub:?} of `highlander {group}`")
+        }
+        [first, ..] => format!("unknown command {first:?}"),
+    };
+    CliError::Usage { command: None, message }
+}
+
+/// The usage lines of a command group's subcommands.
+fn group_usage(group: &str) -> String {
+    let lines: Vec<String> = COMMANDS
+        .iter()
+        .filter(|(name, _, _)| name[0] == group)
+        .map(|(_, command, _)| format!("  {}", command.usage))
+        .collect();
+    format!(
+        "Usage:\n{}\n\nRun `highlander {group} <subcommand> --help` for more.",
+        lines.join("\n")
+    )
+}
+
+fn print_help(command: &Command) {
+    println!("Usage: {}\n\n{}", command.usage, command.help);
+}
+
+fn report(error: CliError) -> ExitCode {
+    match error {
+        CliError::Usage { command, message } => {
+            eprintln!("highlander: {message}");
+            match command {
+                Some(c) => {
+                    eprintln!("\nUsage: {}\nRun `highlander {} --help` for more.", c.usage, c.name)
+                }
+                None => eprintln!("\n{USAGE}"),
+            }
+            ExitCode::from(2)
+        }
+        CliError::Failed(message) => {
+            eprintln!("highlander: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
