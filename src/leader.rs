@@ -152,7 +152,7 @@ pub(crate) async fn duties_loop(shared: Arc<Shared>) {
                 (Some(t), current) if current != Some(t) => {
                     // A new leadership: forget what was known, give every session a full grace.
                     info!(node = %shared.id, term = t, "leading; every session gets a full grace");
-                    *guard = Some(LeaseTable::new(t, shared.now_millis()));
+                    *guard = Some(LeaseTable::new(t, shared.now_millis()).led_by(shared.id));
                 }
                 _ => {}
             }

@@ -135,8 +135,11 @@ struct InFlight<'a> {
 
 impl RequestIds {
     fn begin(&self) -> (u64, u64, InFlight<'_>) {
-        let serial = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        // The serial is taken under the lock: taken before it, a concurrent send could
+        // register a later serial first and raise the floor above this one, and the state
+        // machine would refuse this send as stale.
         let mut set = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let serial = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         set.insert(serial);
         let floor = set.first().copied().unwrap_or(serial);
         (serial, floor, InFlight { ids: self, serial })
@@ -652,6 +655,7 @@ impl Node {
                 warn!(node = %shared.id, error = ?e, "could not close the session; it will expire");
             } else {
                 self.await_handover(session, &owned).await;
+                self.let_new_owners_learn(session, &owned).await;
             }
         }
         self.stop_everything().await;
@@ -679,6 +683,46 @@ impl Node {
                 };
                 if done || changes.changed().await.is_err() {
                     return;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// On a leaving leader, the new owners' assignments are committed here but their nodes
+    /// learn of the commit only from the next heartbeat; if Raft stopped first, they would
+    /// wait for an election. So send that heartbeat now and wait (bounded) until each new
+    /// owner's node reports it has applied as far as this node has.
+    async fn let_new_owners_learn(&self, session: SessionId, owned: &[(Key, u32)]) {
+        let shared = &self.shared;
+        if shared.raft.leader_hint() != Some(shared.id) {
+            return;
+        }
+        let (applied, nodes) = {
+            let a = shared.applied.read();
+            let index = a.last_applied.map(|l| l.index).unwrap_or(0);
+            let nodes: BTreeSet<NodeId> = owned
+                .iter()
+                .filter_map(|(key, slot)| a.state.owner(key, *slot))
+                .filter(|o| o.session != session)
+                .filter_map(|o| a.state.sessions.get(&o.session).map(|s| s.node()))
+                .filter(|n| *n != shared.id)
+                .collect();
+            (index, nodes)
+        };
+        if nodes.is_empty() {
+            return;
+        }
+        shared.raft.heartbeat().await;
+        let step = shared.timing.heartbeat;
+        let _ = tokio::time::timeout(shared.timing.election_bound(), async {
+            for node in nodes {
+                loop {
+                    let reply = shared.transport.request(node, Request::Status, step * 2).await;
+                    match reply {
+                        Ok(Response::Status(r)) if r.applied_index >= applied => break,
+                        _ => tokio::time::sleep(step / 5).await,
+                    }
                 }
             }
         })
@@ -784,5 +828,40 @@ impl RequestHandler for Inbound {
                 Request::Status => Response::Status(Box::new(shared.status())),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RequestIds;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// No floor handed to any send may pass the serial of a send still in flight: the state
+    /// machine would refuse that send as stale.
+    #[test]
+    fn no_floor_passes_a_send_still_in_flight() {
+        let ids = Arc::new(RequestIds::default());
+        let highest_floor = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (ids, highest_floor) = (ids.clone(), highest_floor.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..50_000 {
+                        let (serial, floor, guard) = ids.begin();
+                        highest_floor.fetch_max(floor, Ordering::SeqCst);
+                        let seen = highest_floor.load(Ordering::SeqCst);
+                        assert!(
+                            seen <= serial,
+                            "a floor of {seen} passed serial {serial} in flight"
+                        );
+                        drop(guard);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 }

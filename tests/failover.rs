@@ -74,19 +74,18 @@ async fn leader_crash_does_not_move_a_live_owners_tasks() {
     for k in keys {
         owned(&sim, k).await;
     }
-    // Let the keys spread over the nodes first (two each), so that any later move would be
-    // the leader crash's doing.
-    sim.wait_until(Duration::from_secs(30), |s| {
-        let mut per = std::collections::BTreeMap::new();
-        for k in keys {
-            if let Some(Some((n, _))) = s.owners(k).first().copied() {
-                *per.entry(n).or_insert(0) += 1;
-            }
+    // Let the placement settle first (keys spread, and kept off the leader where they can
+    // be), so that any later move would be the leader crash's doing.
+    let placement = |s: &SimCluster| keys.iter().map(|k| s.owners(k)).collect::<Vec<_>>();
+    let mut last = placement(&sim);
+    for _ in 0..30 {
+        sim.run_for(Duration::from_secs(3)).await;
+        let now = placement(&sim);
+        if now == last {
+            break;
         }
-        per.len() == 3 && per.values().all(|n| *n == 2)
-    })
-    .await
-    .expect("keys spread");
+        last = now;
+    }
     sim.run_for(Duration::from_secs(1)).await;
     let leader = sim.status().and_then(|s| s.leader).expect("a leader");
     let survivors: Vec<(&str, NodeId, highlander::Token)> = keys

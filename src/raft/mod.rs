@@ -175,6 +175,12 @@ impl RaftNode {
             .then_some(m.vote.leader_id().term)
     }
 
+    /// Sends a heartbeat to every follower now; it carries the commit index, so followers
+    /// apply what was just committed without waiting for the next tick.
+    pub(crate) async fn heartbeat(&self) {
+        let _ = self.raft.trigger().heartbeat().await;
+    }
+
     /// This node's id.
     pub(crate) fn id(&self) -> NodeId {
         self.id

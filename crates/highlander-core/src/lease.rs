@@ -8,13 +8,14 @@
 //! be overtaken by a renewal.
 
 use crate::state::ClusterState;
-use crate::{Millis, SessionId};
+use crate::{Millis, NodeId, SessionId};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The leader's view of session liveness during one leadership.
 #[derive(Clone, Debug)]
 pub struct LeaseTable {
     term: u64,
+    leader: Option<NodeId>,
     started: Millis,
     last_seen: BTreeMap<SessionId, Millis>,
     expiring: BTreeSet<SessionId>,
@@ -24,7 +25,26 @@ impl LeaseTable {
     /// A table for the leadership of Raft term `term`, which this node noticed at `now`.
     /// A node leads at most once per term, so the term names the leadership.
     pub fn new(term: u64, now: Millis) -> LeaseTable {
-        LeaseTable { term, started: now, last_seen: BTreeMap::new(), expiring: BTreeSet::new() }
+        LeaseTable {
+            term,
+            leader: None,
+            started: now,
+            last_seen: BTreeMap::new(),
+            expiring: BTreeSet::new(),
+        }
+    }
+
+    /// Names the node that leads (the one this table belongs to), so that the planner keeps
+    /// keys off it where it can: an owner on the leader's node fails over slowest, because
+    /// its crash also costs an election and a full grace for every session.
+    pub fn led_by(mut self, node: NodeId) -> LeaseTable {
+        self.leader = Some(node);
+        self
+    }
+
+    /// The leading node, if named.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
     }
 
     /// When this leadership began (as this node noticed it).

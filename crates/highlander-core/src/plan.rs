@@ -16,8 +16,9 @@ pub const MAX_ASSIGNS_PER_PLAN: usize = 512;
 ///    (`ttl + margin` since it was last heard from), bound to the table's term;
 /// 2. `Assign` for vacant slots, to a live candidate that was heard from within half its TTL,
 ///    does not already own a slot of the key, and did not just hand the slot over (unless no
-///    one else can take it); among those, the least loaded, ties broken by a rendezvous hash
-///    of key and node so that keys spread and a restarted node is preferred for the same keys.
+///    one else can take it); among those, the least loaded (the leader's own node counting
+///    one slot more), ties broken by a rendezvous hash of key and node so that keys spread
+///    and a restarted node is preferred for the same keys;
 ///
 /// 3. when there is nothing else to do, at most one `RequestMove` to even out the load (see
 ///    `spread`): an owned slot moves only through its owner's own release.
@@ -46,7 +47,7 @@ pub fn plan(state: &ClusterState, table: &LeaseTable, now: Millis) -> Vec<Comman
     };
 
     let mut load: BTreeMap<SessionId, usize> =
-        state.sessions.iter().map(|(id, s)| (*id, s.owned.len())).collect();
+        state.sessions.keys().map(|id| (*id, weighted_load(state, table, *id))).collect();
     let mut planned: BTreeSet<(Key, SessionId)> = BTreeSet::new();
     let mut assigns = 0;
     for (key, slot) in &state.vacant {
@@ -111,7 +112,7 @@ fn spread(
     if moving {
         return None;
     }
-    let load = |id: &SessionId| state.sessions.get(id).map_or(0, |s| s.owned.len());
+    let load = |id: &SessionId| weighted_load(state, table, *id);
     // The most loaded session first; within it, its slots in key order.
     let mut sessions: Vec<&SessionId> = state.sessions.keys().collect();
     sessions.sort_by(|a, b| load(b).cmp(&load(a)).then(a.cmp(b)));
@@ -134,6 +135,14 @@ fn spread(
         }
     }
     None
+}
+
+/// A session's load for placement: the slots it owns, plus one if it runs on the leader's
+/// node, so that a key goes to the leader only when it is no busier than the others by more
+/// than that.
+fn weighted_load(state: &ClusterState, table: &LeaseTable, id: SessionId) -> usize {
+    let Some(s) = state.sessions.get(&id) else { return 0 };
+    s.owned.len() + usize::from(table.leader() == Some(s.node()))
 }
 
 /// A stable score of how much `node` "wants" `key`: FNV-1a over the key, mixed with the node

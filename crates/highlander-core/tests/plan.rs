@@ -568,3 +568,56 @@ fn a_move_request_with_a_stale_token_is_refused() {
     assert_eq!(st.owner(&key("k0"), 0).map(|o| (o.session, o.moving)), Some((s[0], true)));
     st.check_consistency().unwrap();
 }
+
+// ---- Keeping keys off the leader ---------------------------------------------------------
+
+#[test]
+fn a_key_goes_to_a_follower_when_one_can_take_it() {
+    let mut st = new_state();
+    let s = [open(&mut st, 1), open(&mut st, 2), open(&mut st, 3)];
+    for id in s {
+        register(&mut st, id, "solo", KeySpec::singleton());
+    }
+    for leader in 1..=3u64 {
+        let t = table(&st, 0).led_by(NodeId(leader));
+        let a = assigns(&plan(&st, &t, Millis(0)));
+        assert_eq!(a.len(), 1);
+        assert_ne!(st.sessions[&a[0].2].node(), NodeId(leader), "not on the leader's node");
+    }
+}
+
+#[test]
+fn the_leader_still_runs_a_key_nobody_else_can_and_its_share_when_balanced() {
+    let mut st = new_state();
+    let a = open(&mut st, 1);
+    register(&mut st, a, "only-here", KeySpec::singleton());
+    let t = table(&st, 0).led_by(NodeId(1));
+    assert_eq!(assigns(&plan(&st, &t, Millis(0))), one_assign("only-here", a));
+
+    // One key each: the leader's counts two, the others one; not worth a move.
+    let (mut st, s) = piled_up(0);
+    for (i, id) in s.iter().enumerate() {
+        let k = format!("own{i}");
+        for other in s {
+            register(&mut st, other, &k, KeySpec::singleton());
+        }
+        assign(&mut st, &k, 0, *id);
+    }
+    let now = TTL + MARGIN + 1;
+    let t = settled_table(&st, now).led_by(NodeId(1));
+    assert_eq!(plan(&st, &t, Millis(now)), vec![]);
+}
+
+#[test]
+fn a_lone_key_on_the_leader_is_moved_to_a_follower() {
+    let (st, s) = piled_up(1);
+    let now = TTL + MARGIN + 1;
+    // n1 owns the key and leads: it counts two, the others nothing.
+    let t = settled_table(&st, now).led_by(NodeId(1));
+    let m = moves(&plan(&st, &t, Millis(now)));
+    assert_eq!(m.len(), 1);
+    assert_eq!(st.owner(&key(&m[0].0), 0).unwrap().session, s[0]);
+    // Led by another node, the same placement is fine.
+    let t = settled_table(&st, now).led_by(NodeId(2));
+    assert!(moves(&plan(&st, &t, Millis(now))).is_empty());
+}
