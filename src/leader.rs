@@ -134,11 +134,21 @@ pub(crate) async fn duties_loop(shared: Arc<Shared>) {
     // The last plan proposed and when: an identical plan is not proposed again within a
     // heartbeat, so a refused command cannot make this loop spin on its own applies.
     let mut last: Option<(Vec<Command>, tokio::time::Instant)> = None;
+    // The earliest instant a session could expire: woken then, not on the next tick, so a
+    // crashed owner's keys move as soon as its session may safely be expired.
+    let mut next_expiry: Option<tokio::time::Instant> = None;
     loop {
+        let expiry = async {
+            match next_expiry {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             changed = leadership.changed() => if changed.is_err() { return },
             changed = applied.changed() => if changed.is_err() { return },
+            _ = expiry => {}
             _ = tick.tick() => {}
         }
         let commands = {
@@ -156,11 +166,17 @@ pub(crate) async fn duties_loop(shared: Arc<Shared>) {
                 }
                 _ => {}
             }
-            let Some(table) = guard.as_mut() else { continue };
+            let Some(table) = guard.as_mut() else {
+                next_expiry = None;
+                continue;
+            };
             let now = shared.now_millis();
             let state = shared.applied.read();
             table.observe(&state.state, now);
             let commands = plan(&state.state, table, now);
+            next_expiry = table
+                .next_expiry(&state.state)
+                .map(|at| shared.origin() + std::time::Duration::from_millis(at.0));
             for c in &commands {
                 if let Command::ExpireSession { session, .. } = c {
                     // Marked before it is proposed: no renewal can overtake it.

@@ -59,6 +59,11 @@ impl Shared {
         leader::millis_since(self.origin)
     }
 
+    /// The instant [`Millis`] count from.
+    pub(crate) fn origin(&self) -> Instant {
+        self.origin
+    }
+
     pub(crate) fn client(&self) -> ClientId {
         *self.client.lock().unwrap_or_else(|e| e.into_inner())
     }

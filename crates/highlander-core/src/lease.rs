@@ -90,6 +90,21 @@ impl LeaseTable {
         self.expiring.insert(session);
     }
 
+    /// The earliest instant at which a session not yet marked would be silent long enough to
+    /// expire (its last keepalive plus TTL plus margin, plus one millisecond), so the leader
+    /// can wake then instead of on its next tick.
+    pub fn next_expiry(&self, state: &ClusterState) -> Option<Millis> {
+        state
+            .sessions
+            .iter()
+            .filter(|(id, _)| !self.expiring.contains(id))
+            .filter_map(|(id, s)| {
+                let seen = self.last_seen.get(id)?;
+                Some(Millis(seen.0.saturating_add(s.lease.expiry_after_ms()).saturating_add(1)))
+            })
+            .min()
+    }
+
     /// Whether a keepalive for the session may still be answered.
     pub fn may_renew(&self, session: SessionId) -> bool {
         !self.expiring.contains(&session)

@@ -50,12 +50,19 @@ pub fn plan(state: &ClusterState, table: &LeaseTable, now: Millis) -> Vec<Comman
         state.sessions.keys().map(|id| (*id, weighted_load(state, table, *id))).collect();
     let mut planned: BTreeSet<(Key, SessionId)> = BTreeSet::new();
     let mut assigns = 0;
-    for (key, slot) in &state.vacant {
+    // The slots of sessions expired in this plan are vacant once their expiry applies, which
+    // comes first in the same entry: they are filled at once rather than one entry later.
+    let mut vacant: BTreeSet<(Key, u32)> = state.vacant.clone();
+    for id in &gone {
+        vacant.extend(state.sessions[id].owned.iter().cloned());
+    }
+    for (key, slot) in &vacant {
         if assigns >= MAX_ASSIGNS_PER_PLAN {
             break;
         }
         let Some(k) = state.keys.get(key) else { continue };
-        let owners: BTreeSet<SessionId> = k.slots.iter().flatten().map(|o| o.session).collect();
+        let owners: BTreeSet<SessionId> =
+            k.slots.iter().flatten().map(|o| o.session).filter(|s| !gone.contains(s)).collect();
         let avoid = k.handed_over_by.get(*slot as usize).copied().flatten();
         let free: Vec<SessionId> = k
             .candidates

@@ -621,3 +621,24 @@ fn a_lone_key_on_the_leader_is_moved_to_a_follower() {
     let t = settled_table(&st, now).led_by(NodeId(2));
     assert!(moves(&plan(&st, &t, Millis(now))).is_empty());
 }
+
+#[test]
+fn an_expired_owners_slot_is_reassigned_in_the_same_entry() {
+    let mut st = new_state();
+    let a = open(&mut st, 1);
+    let b = open(&mut st, 2);
+    for s in [a, b] {
+        register(&mut st, s, "k", KeySpec::singleton());
+    }
+    assign(&mut st, "k", 0, a);
+    let mut t = table(&st, 0);
+    t.heard(b, Millis(TTL + MARGIN));
+    let now = TTL + MARGIN + 1;
+    // The next expiry is due exactly then.
+    assert_eq!(table(&st, 0).next_expiry(&st), Some(Millis(now)));
+    let commands = plan(&st, &t, Millis(now));
+    assert_eq!(expiries(&commands), vec![a]);
+    assert_eq!(assigns(&commands), one_assign("k", b));
+    apply_plan(&mut st, &commands);
+    assert_eq!(st.owner(&key("k"), 0).map(|o| o.session), Some(b));
+}
