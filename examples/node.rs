@@ -53,7 +53,7 @@
 //!
 //! Type `send demo hello` in any terminal: the owner's terminal prints `delivered`. Press
 //! Ctrl-C in the owner's terminal (a graceful hand-over, in milliseconds) or kill it with
-//! `kill -9` (a crash: another node takes over after the session TTL, about 2.1 s) and watch
+//! `kill -9` (a crash: another node takes over after the session TTL, at most about 2.1 s) and watch
 //! another terminal print `started` with a larger token. A node restarted on its data
 //! directory rejoins with everything it had acknowledged.
 //!

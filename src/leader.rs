@@ -43,8 +43,10 @@ impl LeaderState {
 /// Handles one keepalive that arrived now (from a peer or from this node itself).
 ///
 /// `lapsed_ms` is how long the sender's lease has been lapsed. A node that has been lapsed
-/// for longer than its TTL is not heard from any more, so that a node which can reach the
-/// leader but not hear its answers (a one-way partition) is expired and its tasks move.
+/// for longer than its TTL is not heard from any more, and one lapsed for twice its TTL (and
+/// the margin) is expired at once, so that a node which can reach the leader but not hear its
+/// answers (a one-way partition) is expired and its tasks move, however often it makes the
+/// leadership change.
 pub(crate) async fn keepalive(
     shared: &Arc<Shared>,
     session: SessionId,
@@ -62,10 +64,21 @@ pub(crate) async fn keepalive(
         if !table.may_renew(session) {
             return KeepAliveReply::SessionEnded;
         }
-        let ttl = shared.applied.read().state.sessions.get(&session).map(|s| s.lease.ttl_ms);
-        match ttl {
+        let lease = shared.applied.read().state.sessions.get(&session).map(|s| s.lease);
+        match lease {
             None => return KeepAliveReply::SessionEnded,
-            Some(ttl) if lapsed_ms > ttl => return KeepAliveReply::Unconfirmed,
+            // Dead for good: no renewal is granted for a keepalive sent more than a TTL after
+            // the node's deadline d, so one still in flight extends its lease to at most
+            // d + 2 TTL - margin, which is in the past (on the node's own clock) when it
+            // reports 2 TTL + margin. Even a new leader, which grants every session a full
+            // grace, may expire it now: a node that keeps calling elections cannot keep its
+            // session (and its keys) alive that way.
+            Some(l) if lapsed_ms >= 2 * l.ttl_ms + l.margin_ms => {
+                table.mark_expiring(session);
+                info!(node = %shared.id, %session, lapsed_ms, "expiring a session whose node reports its lease long lapsed");
+                return KeepAliveReply::SessionEnded;
+            }
+            Some(l) if lapsed_ms > l.ttl_ms => return KeepAliveReply::Unconfirmed,
             Some(_) => table.heard(session, now),
         }
     }

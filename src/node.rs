@@ -373,6 +373,7 @@ impl NodeBuilder {
         transport.serve(Arc::new(Inbound { shared: Arc::downgrade(&shared) }))?;
         raft.initialize(&peers).await.map_err(Error::Stopped)?;
         let (sup_tx, sup_rx) = mpsc::channel(8);
+        tasks.spawn(raft.clone().quiet_when_unheard(self.timing));
         tasks.spawn(leader::confirm_loop(shared.clone(), keepalives));
         tasks.spawn(leader::duties_loop(shared.clone()));
         tasks.spawn(session::run(shared.clone()));

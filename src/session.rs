@@ -126,6 +126,11 @@ async fn keep_alive(shared: &Arc<Shared>, session: SessionId) {
     let retry = timing.heartbeat;
     let mut redirect: Option<NodeId> = None;
     let mut next = Instant::now();
+    // With no leader known, ask the peers in turn: a node that hears nobody (a one-way cut)
+    // may still reach the leader, which must learn how long this node's lease has lapsed.
+    let peers: Vec<NodeId> =
+        shared.raft.members().into_iter().filter(|p| *p != shared.id).collect();
+    let mut turn = 0usize;
     loop {
         tokio::select! {
             biased;
@@ -138,7 +143,10 @@ async fn keep_alive(shared: &Arc<Shared>, session: SessionId) {
             Some(d) if d <= t_send => (t_send - d).as_millis() as u64,
             _ => 0,
         };
-        let target = redirect.take().or_else(|| shared.raft.leader_hint());
+        let target = redirect.take().or_else(|| shared.raft.leader_hint()).or_else(|| {
+            turn = turn.wrapping_add(1);
+            peers.get(turn % peers.len().max(1)).copied()
+        });
         let reply = match target {
             None => KeepAliveReply::Unconfirmed,
             Some(t) if t == shared.id => leader::keepalive(shared, session, lapsed_ms).await,

@@ -54,6 +54,30 @@ pub(crate) enum ConfirmError {
 pub(crate) struct RaftNode {
     raft: Raft,
     id: NodeId,
+    heard: Arc<Heard>,
+}
+
+/// When this node last heard from any peer: a Raft request from one, or a response to one
+/// of its own.
+pub(crate) struct Heard {
+    origin: tokio::time::Instant,
+    at_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Heard {
+        Heard { origin: tokio::time::Instant::now(), at_ms: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    pub(crate) fn now(&self) {
+        let ms = self.origin.elapsed().as_millis() as u64;
+        self.at_ms.fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let last = self.at_ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.origin.elapsed().saturating_sub(Duration::from_millis(last))
+    }
 }
 
 /// The openraft configuration derived from a node's timing.
@@ -87,10 +111,11 @@ impl RaftNode {
         applied: Arc<AppliedState>,
     ) -> Result<(RaftNode, Option<highlander_wal::LockWatch>), String> {
         let config = raft_config(timing)?;
-        let network = network::Network::new(transport, timing.heartbeat);
+        let heard = Arc::new(Heard::new());
+        let network = network::Network::new(transport, timing.heartbeat, heard.clone());
         let (log, sm, lock) = store::open(storage, applied)?;
         let raft = Raft::new(id.0, config, network, log, sm).await.map_err(|e| e.to_string())?;
-        Ok((RaftNode { raft, id }, lock))
+        Ok((RaftNode { raft, id, heard }, lock))
     }
 
     /// Forms the cluster from the static peer list if this node's storage is new. Every node
@@ -191,8 +216,39 @@ impl RaftNode {
         self.raft.metrics().borrow().running_state.is_err()
     }
 
+    /// Keeps a node that hears no peer at all from calling elections, until one is heard.
+    ///
+    /// openraft 0.9 has no pre-vote: a node cut off one way (it reaches the others, nothing
+    /// reaches it) campaigns with ever higher terms, the others grant its votes (their leader
+    /// lease has run out, and granting resets their own election timers) and no leader is
+    /// ever elected while the cut lasts. Such a node could never win anyway, since no vote
+    /// reaches it; and whether elections happen never affects Raft's safety, only liveness.
+    pub(crate) async fn quiet_when_unheard(self, timing: Timing) {
+        if self.members().iter().all(|m| *m == self.id) {
+            return;
+        }
+        let limit = timing.election_max * 3;
+        let mut electing = true;
+        let mut tick = tokio::time::interval(timing.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let silent = self.heard.silent_for();
+            if electing && silent > limit {
+                tracing::warn!(node = %self.id, silent_ms = silent.as_millis() as u64, "no peer heard from: not calling elections until one is");
+                self.raft.runtime_config().elect(false);
+                electing = false;
+            } else if !electing && silent <= limit {
+                tracing::info!(node = %self.id, "a peer is heard again: calling elections when needed");
+                self.raft.runtime_config().elect(true);
+                electing = true;
+            }
+        }
+    }
+
     /// Serves one inbound Raft message. Never panics on bad bytes: they get a refusal.
     pub(crate) async fn serve(&self, message: RaftMessage) -> Response {
+        self.heard.now();
         fn reply<T: serde::Serialize>(value: &T) -> Response {
             match codec::encode(value) {
                 Ok(bytes) => Response::Raft(Payload::from(bytes)),

@@ -31,11 +31,16 @@ const SNAPSHOT_MIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct Network {
     transport: Arc<dyn Transport>,
     backoff: Duration,
+    heard: Arc<super::Heard>,
 }
 
 impl Network {
-    pub(crate) fn new(transport: Arc<dyn Transport>, heartbeat: Duration) -> Network {
-        Network { transport, backoff: heartbeat }
+    pub(crate) fn new(
+        transport: Arc<dyn Transport>,
+        heartbeat: Duration,
+        heard: Arc<super::Heard>,
+    ) -> Network {
+        Network { transport, backoff: heartbeat, heard }
     }
 }
 
@@ -43,7 +48,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: u64, _node: &EmptyNode) -> Peer {
-        Peer { transport: self.transport.clone(), target: NodeId(target), backoff: self.backoff }
+        Peer {
+            transport: self.transport.clone(),
+            target: NodeId(target),
+            backoff: self.backoff,
+            heard: self.heard.clone(),
+        }
     }
 }
 
@@ -52,6 +62,7 @@ pub(crate) struct Peer {
     transport: Arc<dyn Transport>,
     target: NodeId,
     backoff: Duration,
+    heard: Arc<super::Heard>,
 }
 
 impl Peer {
@@ -63,6 +74,9 @@ impl Peer {
     ) -> Result<Resp, CallError> {
         let from = self.transport.local_id().0;
         let response = self.transport.request(self.target, Request::Raft(message), timeout).await;
+        if response.is_ok() {
+            self.heard.now();
+        }
         match response {
             Ok(Response::Raft(body)) => codec::decode::<Resp>(body.as_bytes())
                 .map_err(|e| CallError::Network(NetworkError::new(&TransportError::Codec(e)))),
