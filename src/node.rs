@@ -373,7 +373,7 @@ impl NodeBuilder {
         transport.serve(Arc::new(Inbound { shared: Arc::downgrade(&shared) }))?;
         raft.initialize(&peers).await.map_err(Error::Stopped)?;
         let (sup_tx, sup_rx) = mpsc::channel(8);
-        tasks.spawn(raft.clone().quiet_when_unheard(self.timing));
+        tasks.spawn(raft.clone().quiet_when_unheard(self.timing, transport.clone()));
         tasks.spawn(leader::confirm_loop(shared.clone(), keepalives));
         tasks.spawn(leader::duties_loop(shared.clone()));
         tasks.spawn(session::run(shared.clone()));
@@ -832,6 +832,7 @@ impl RequestHandler for Inbound {
                     Response::KeepAlive(leader::keepalive(&shared, session, lapsed_ms).await)
                 }
                 Request::Status => Response::Status(Box::new(shared.status())),
+                Request::Ping => Response::Pong,
             }
         })
     }

@@ -7,7 +7,7 @@ mod network;
 pub(crate) mod store;
 
 use crate::config::Timing;
-use highlander_core::wire::{RaftMessage, Response};
+use highlander_core::wire::{RaftMessage, Request, Response};
 use highlander_core::{Batch, Command, NodeId, Outcome, Payload, Transport, codec};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{Config, EmptyNode, ServerState, SnapshotPolicy};
@@ -216,23 +216,44 @@ impl RaftNode {
         self.raft.metrics().borrow().running_state.is_err()
     }
 
-    /// Keeps a node that hears no peer at all from calling elections, until one is heard.
+    /// Keeps a node whose messages get no answers from calling elections, until they do.
     ///
     /// openraft 0.9 has no pre-vote: a node cut off one way (it reaches the others, nothing
     /// reaches it) campaigns with ever higher terms, the others grant its votes (their leader
     /// lease has run out, and granting resets their own election timers) and no leader is
     /// ever elected while the cut lasts. Such a node could never win anyway, since no vote
     /// reaches it; and whether elections happen never affects Raft's safety, only liveness.
-    pub(crate) async fn quiet_when_unheard(self, timing: Timing) {
-        if self.members().iter().all(|m| *m == self.id) {
+    ///
+    /// Silence alone does not tell a cut-off node from a quiet cluster (after a heal, say,
+    /// every node may have gone quiet), so a node that has heard nothing for a while pings
+    /// its peers: an answer means it can be heard, and it calls elections again.
+    pub(crate) async fn quiet_when_unheard(self, timing: Timing, transport: Arc<dyn Transport>) {
+        let peers: Vec<NodeId> = self.members().into_iter().filter(|m| *m != self.id).collect();
+        if peers.is_empty() {
             return;
         }
         let limit = timing.election_max * 3;
         let mut electing = true;
         let mut tick = tokio::time::interval(timing.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probes = tokio::task::JoinSet::new();
         loop {
             tick.tick().await;
+            while probes.try_join_next().is_some() {}
+            let silent = self.heard.silent_for();
+            if silent > limit / 2 && probes.is_empty() {
+                for peer in &peers {
+                    let (transport, heard, peer) = (transport.clone(), self.heard.clone(), *peer);
+                    let timeout = timing.heartbeat * 2;
+                    probes.spawn(async move {
+                        if let Ok(Response::Pong) =
+                            transport.request(peer, Request::Ping, timeout).await
+                        {
+                            heard.now();
+                        }
+                    });
+                }
+            }
             let silent = self.heard.silent_for();
             if electing && silent > limit {
                 tracing::warn!(node = %self.id, silent_ms = silent.as_millis() as u64, "no peer heard from: not calling elections until one is");

@@ -108,6 +108,7 @@ pub(crate) fn response_kind(r: &Response) -> &'static str {
         Response::KeepAlive(_) => "keepalive",
         Response::Status(_) => "status",
         Response::Refused(_) => "refused",
+        Response::Pong => "pong",
     }
 }
 

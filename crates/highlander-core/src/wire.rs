@@ -24,6 +24,9 @@ pub enum Request {
     },
     /// A report of what the receiving node knows.
     Status,
+    /// Are you there? Answered with [`Response::Pong`]; a node that hears no peer probes
+    /// with it whether its own messages get answers.
+    Ping,
 }
 
 /// The kinds of Raft message, each carrying the encoded openraft request.
@@ -50,6 +53,8 @@ pub enum Response {
     Status(Box<StatusReport>),
     /// The node cannot serve the request (shutting down, or the request was malformed).
     Refused(String),
+    /// The answer to a [`Request::Ping`].
+    Pong,
 }
 
 /// Why a forwarded write was not written.

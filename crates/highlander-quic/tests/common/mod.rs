@@ -35,6 +35,7 @@ impl RequestHandler for Echo {
             Request::Write(_) => "write",
             Request::KeepAlive { .. } => "keepalive",
             Request::Status => "status",
+            Request::Ping => "ping",
         };
         self.seen.lock().unwrap().push((from, kind));
         let id = self.id;
@@ -51,6 +52,7 @@ impl RequestHandler for Echo {
                     tokio::time::sleep(Duration::from_millis(lapsed_ms)).await;
                     Response::KeepAlive(KeepAliveReply::Renewed)
                 }
+                Request::Ping => Response::Pong,
                 Request::Status => Response::Status(Box::new(StatusReport {
                     node: Some(id),
                     ..Default::default()
