@@ -5,6 +5,7 @@
 
 mod network;
 pub(crate) mod store;
+mod transfer;
 
 use crate::config::Timing;
 use highlander_core::wire::{RaftMessage, Request, Response};
@@ -55,6 +56,7 @@ pub(crate) struct RaftNode {
     raft: Raft,
     id: NodeId,
     heard: Arc<Heard>,
+    snapshots: Arc<transfer::Receiver>,
 }
 
 /// When this node last heard from any peer: a Raft request from one, or a response to one
@@ -114,8 +116,9 @@ impl RaftNode {
         let heard = Arc::new(Heard::new());
         let network = network::Network::new(transport, timing.heartbeat, heard.clone());
         let (log, sm, lock) = store::open(storage, applied)?;
+        let snapshots = Arc::new(transfer::Receiver::new(sm.inbox()));
         let raft = Raft::new(id.0, config, network, log, sm).await.map_err(|e| e.to_string())?;
-        Ok((RaftNode { raft, id, heard }, lock))
+        Ok((RaftNode { raft, id, heard, snapshots }, lock))
     }
 
     /// Forms the cluster from the static peer list if this node's storage is new. Every node
@@ -285,15 +288,36 @@ impl RaftNode {
                 Ok(rpc) => reply(&self.raft.vote(rpc).await),
                 Err(e) => Response::Refused(format!("bad Vote: {e}")),
             },
-            RaftMessage::Snapshot(body) => {
-                match codec::decode_snapshot::<network::SnapshotFrame>(body.as_bytes()) {
-                    Ok(frame) => {
-                        let snapshot =
-                            openraft::Snapshot { meta: frame.meta, snapshot: Box::new(frame.data) };
-                        reply(&self.raft.install_full_snapshot(frame.vote, snapshot).await)
-                    }
-                    Err(e) => Response::Refused(format!("bad snapshot: {e}")),
-                }
+            RaftMessage::Snapshot(body) => match codec::decode(body.as_bytes()) {
+                Ok(chunk) => self.receive_snapshot_chunk(chunk).await,
+                Err(e) => Response::Refused(format!("bad snapshot chunk: {e}")),
+            },
+        }
+    }
+
+    /// Takes one chunk of a snapshot from the leader; the last one installs it.
+    async fn receive_snapshot_chunk(&self, chunk: transfer::Chunk) -> Response {
+        let current = self.raft.metrics().borrow().vote;
+        let step = self.snapshots.accept(chunk, current).await;
+        let reply = |r: &Result<transfer::ChunkReply, openraft::error::Fatal<u64>>| {
+            match codec::encode(r) {
+                Ok(bytes) => Response::Raft(Payload::from(bytes)),
+                Err(e) => Response::Refused(format!("cannot encode response: {e}")),
+            }
+        };
+        match step {
+            Ok(transfer::Step::Reply(r)) => reply(&Ok(r)),
+            Ok(transfer::Step::Install { vote, meta, data }) => {
+                let id = meta.snapshot_id.clone();
+                let snapshot = openraft::Snapshot { meta, snapshot: Box::new(data) };
+                let result = self.raft.install_full_snapshot(vote, snapshot).await;
+                self.snapshots.installed().await;
+                tracing::info!(node = %self.id, snapshot = %id, ok = result.is_ok(), "snapshot received");
+                reply(&result.map(transfer::ChunkReply::Done))
+            }
+            Err(why) => {
+                tracing::warn!(node = %self.id, reason = %why, "snapshot chunk refused");
+                Response::Refused(why)
             }
         }
     }
@@ -303,6 +327,7 @@ impl RaftNode {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
+        self.snapshots.close().await;
     }
 }
 

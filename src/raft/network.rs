@@ -2,6 +2,7 @@
 //! the one codec and sent as a [`Request::Raft`] frame.
 
 use super::TypeConfig;
+use super::transfer::{CHUNK_BYTES, ChunkReply, chunk_at};
 use highlander_core::wire::{RaftMessage, Request, Response};
 use highlander_core::{NodeId, Payload, Transport, TransportError, codec};
 use openraft::error::{
@@ -24,8 +25,13 @@ type RpcResult<T> = Result<T, RPCError<u64, EmptyNode, RaftError<u64>>>;
 /// An AppendEntries larger than this is split by openraft (we answer `PayloadTooLarge`).
 const APPEND_BUDGET_BYTES: usize = codec::MAX_FRAME_BYTES / 2;
 
-/// The least time a snapshot transfer is given, whatever openraft's hint says.
+/// The least time the last chunk of a snapshot is given, whatever openraft's hint says: the
+/// follower answers it only after syncing, reading back and installing the whole snapshot.
 const SNAPSHOT_MIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The time any other chunk is given: 1 MiB to write to a file. A peer that died mid-transfer
+/// is given up on after this, not after the install's long timeout.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Creates a [`Peer`] per target, lazily: nothing is dialed here.
 pub(crate) struct Network {
@@ -167,24 +173,12 @@ impl RaftNetwork<TypeConfig> for Peer {
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
-        let body = encode(&SnapshotFrame { vote, meta: snapshot.meta, data: *snapshot.snapshot })
-            .map_err(StreamingError::Network)?;
         let timeout = option.hard_ttl().max(SNAPSHOT_MIN_TIMEOUT);
-        let send = self.call::<Result<SnapshotResponse<u64>, Fatal<u64>>>(
-            RaftMessage::Snapshot(body),
-            RPCTypes::InstallSnapshot,
-            timeout,
-        );
+        let send = self.send_snapshot(vote, snapshot, timeout);
         tokio::select! {
             biased;
             closed = cancel => Err(StreamingError::Closed(closed)),
-            result = send => match result {
-                Ok(Ok(resp)) => Ok(resp),
-                Ok(Err(fatal)) => Err(StreamingError::Network(NetworkError::new(&fatal))),
-                Err(CallError::Timeout(t)) => Err(StreamingError::Timeout(t)),
-                Err(CallError::Unreachable(u)) => Err(StreamingError::Unreachable(u)),
-                Err(CallError::Network(n)) => Err(StreamingError::Network(n)),
-            },
+            result = send => result,
         }
     }
 
@@ -195,10 +189,52 @@ impl RaftNetwork<TypeConfig> for Peer {
     }
 }
 
-/// A whole snapshot as it travels: the leader's vote, the snapshot's metadata and its bytes.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub(crate) struct SnapshotFrame {
-    pub(crate) vote: Vote<u64>,
-    pub(crate) meta: openraft::SnapshotMeta<u64, EmptyNode>,
-    pub(crate) data: Vec<u8>,
+impl Peer {
+    /// Sends a snapshot chunk by chunk, each at the offset the follower asked for last.
+    async fn send_snapshot(
+        &self,
+        vote: Vote<u64>,
+        snapshot: Snapshot<TypeConfig>,
+        timeout: Duration,
+    ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
+        let data = &snapshot.snapshot[..];
+        let crc = crc32c::crc32c(data);
+        let chunks = data.len().div_ceil(CHUNK_BYTES) as u64;
+        // Each round either moves forward or is a follower's request to go back (after it
+        // lost a transfer); a bounded number of rounds keeps a confused peer from holding
+        // the replication task forever.
+        let mut offset = 0;
+        for _ in 0..2 * chunks + 4 {
+            let chunk = chunk_at(vote, &snapshot.meta, data, crc, offset, CHUNK_BYTES);
+            let last = chunk.offset + chunk.data.len() as u64 == chunk.total;
+            let timeout = if last { timeout } else { CHUNK_TIMEOUT.min(timeout) };
+            let body = encode(&chunk).map_err(StreamingError::Network)?;
+            let reply = self
+                .call::<Result<ChunkReply, Fatal<u64>>>(
+                    RaftMessage::Snapshot(body),
+                    RPCTypes::InstallSnapshot,
+                    timeout,
+                )
+                .await;
+            match reply {
+                Ok(Ok(ChunkReply::Done(resp))) => return Ok(resp),
+                Ok(Ok(ChunkReply::Next(next))) if next <= data.len() as u64 => offset = next,
+                Ok(Ok(ChunkReply::Next(bad))) => {
+                    return Err(StreamingError::Network(NetworkError::new(
+                        &std::io::Error::other(format!(
+                            "the follower asked for offset {bad} of {} bytes",
+                            data.len()
+                        )),
+                    )));
+                }
+                Ok(Err(fatal)) => return Err(StreamingError::Network(NetworkError::new(&fatal))),
+                Err(CallError::Timeout(t)) => return Err(StreamingError::Timeout(t)),
+                Err(CallError::Unreachable(u)) => return Err(StreamingError::Unreachable(u)),
+                Err(CallError::Network(n)) => return Err(StreamingError::Network(n)),
+            }
+        }
+        Err(StreamingError::Network(NetworkError::new(&std::io::Error::other(
+            "snapshot transfer made no progress",
+        ))))
+    }
 }

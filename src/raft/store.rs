@@ -10,7 +10,9 @@
 
 use super::{LogId, TypeConfig};
 use highlander_core::{ClusterState, Outcome, codec};
-use highlander_wal::{Fs, IoMode, LockWatch, RealFs, SnapshotStore};
+use highlander_wal::{
+    Fs, IoMode, LockWatch, RealFs, SealedSnapshot, SnapshotStore, SnapshotWriter,
+};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
     EmptyNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, RaftLogReader, RaftSnapshotBuilder,
@@ -234,10 +236,45 @@ impl DiskStorage {
     }
 }
 
-/// The log, whichever storage holds it.
+/// The log, whichever storage holds it, and how far the durable snapshot reaches (the log
+/// is never purged past it).
 pub(crate) enum Log {
-    Mem(MemLog),
-    Wal(Box<highlander_wal::LogStore<TypeConfig>>),
+    Mem(MemLog, Coverage),
+    Wal(Box<highlander_wal::LogStore<TypeConfig>>, Coverage),
+}
+
+/// How far the newest durable snapshot reaches: its last log index + 1 (0 for none). The
+/// state machine moves it after a snapshot is durable; the log waits on it before a purge.
+#[derive(Clone)]
+pub(crate) struct Coverage(Arc<watch::Sender<u64>>);
+
+/// How long a purge waits for the snapshot that covers it. openraft asks for the purge as
+/// soon as it has handed a received snapshot to the state machine, without waiting for the
+/// install; purging first would leave, after a crash, a log that starts where no snapshot
+/// reaches. The install is a rename by then, so the wait is short; if it never completes,
+/// the purge is refused and the node stops.
+const PURGE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Coverage {
+    fn new(last: Option<LogId>) -> Coverage {
+        Coverage(Arc::new(watch::channel(last.map_or(0, |l| l.index + 1)).0))
+    }
+
+    /// Records that a snapshot up to `last` is durable.
+    fn advance(&self, last: Option<LogId>) {
+        let reach = last.map_or(0, |l| l.index + 1);
+        self.0.send_if_modified(|c| {
+            let more = reach > *c;
+            *c = (*c).max(reach);
+            more
+        });
+    }
+
+    /// Waits until a durable snapshot covers `index`; false if none does within the wait.
+    async fn wait_covers(&self, index: u64) -> bool {
+        let mut rx = self.0.subscribe();
+        matches!(tokio::time::timeout(PURGE_WAIT, rx.wait_for(|c| *c > index)).await, Ok(Ok(_)))
+    }
 }
 
 /// A reader of the log, whichever storage holds it.
@@ -265,8 +302,8 @@ impl RaftLogReader<TypeConfig> for Log {
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
         match self {
-            Log::Mem(m) => m.try_get_log_entries(range).await,
-            Log::Wal(w) => w.try_get_log_entries(range).await,
+            Log::Mem(m, _) => m.try_get_log_entries(range).await,
+            Log::Wal(w, _) => w.try_get_log_entries(range).await,
         }
     }
 }
@@ -276,43 +313,43 @@ impl RaftLogStorage<TypeConfig> for Log {
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
         match self {
-            Log::Mem(m) => m.get_log_state().await,
-            Log::Wal(w) => w.get_log_state().await,
+            Log::Mem(m, _) => m.get_log_state().await,
+            Log::Wal(w, _) => w.get_log_state().await,
         }
     }
 
     async fn get_log_reader(&mut self) -> Reader {
         match self {
-            Log::Mem(m) => Reader::Mem(m.get_log_reader().await),
-            Log::Wal(w) => Reader::Wal(w.get_log_reader().await),
+            Log::Mem(m, _) => Reader::Mem(m.get_log_reader().await),
+            Log::Wal(w, _) => Reader::Wal(w.get_log_reader().await),
         }
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> StorageResult<()> {
         match self {
-            Log::Mem(m) => m.save_vote(vote).await,
-            Log::Wal(w) => w.save_vote(vote).await,
+            Log::Mem(m, _) => m.save_vote(vote).await,
+            Log::Wal(w, _) => w.save_vote(vote).await,
         }
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<u64>>> {
         match self {
-            Log::Mem(m) => m.read_vote().await,
-            Log::Wal(w) => w.read_vote().await,
+            Log::Mem(m, _) => m.read_vote().await,
+            Log::Wal(w, _) => w.read_vote().await,
         }
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> StorageResult<()> {
         match self {
-            Log::Mem(m) => m.save_committed(committed).await,
-            Log::Wal(w) => w.save_committed(committed).await,
+            Log::Mem(m, _) => m.save_committed(committed).await,
+            Log::Wal(w, _) => w.save_committed(committed).await,
         }
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId>> {
         match self {
-            Log::Mem(m) => m.read_committed().await,
-            Log::Wal(w) => w.read_committed().await,
+            Log::Mem(m, _) => m.read_committed().await,
+            Log::Wal(w, _) => w.read_committed().await,
         }
     }
 
@@ -322,22 +359,26 @@ impl RaftLogStorage<TypeConfig> for Log {
         I::IntoIter: Send,
     {
         match self {
-            Log::Mem(m) => m.append(entries, callback).await,
-            Log::Wal(w) => w.append(entries, callback).await,
+            Log::Mem(m, _) => m.append(entries, callback).await,
+            Log::Wal(w, _) => w.append(entries, callback).await,
         }
     }
 
     async fn truncate(&mut self, log_id: LogId) -> StorageResult<()> {
         match self {
-            Log::Mem(m) => m.truncate(log_id).await,
-            Log::Wal(w) => w.truncate(log_id).await,
+            Log::Mem(m, _) => m.truncate(log_id).await,
+            Log::Wal(w, _) => w.truncate(log_id).await,
         }
     }
 
     async fn purge(&mut self, log_id: LogId) -> StorageResult<()> {
+        let (Log::Mem(_, coverage) | Log::Wal(_, coverage)) = self;
+        if !coverage.wait_covers(log_id.index).await {
+            tracing::error!(upto = log_id.index, "no durable snapshot covers the purge");
+        }
         match self {
-            Log::Mem(m) => m.purge(log_id).await,
-            Log::Wal(w) => w.purge(log_id).await,
+            Log::Mem(m, _) => m.purge(log_id).await,
+            Log::Wal(w, _) => w.purge(log_id).await,
         }
     }
 }
@@ -346,7 +387,24 @@ impl RaftLogStorage<TypeConfig> for Log {
 #[derive(Clone)]
 enum SnapshotHome {
     Mem(MemStorage),
-    Disk { store: SnapshotStore, io: IoMode },
+    Disk {
+        store: SnapshotStore,
+        io: IoMode,
+        /// A snapshot received from the leader, sealed and checked, waiting for openraft to
+        /// install it: installing publishes this file instead of writing the bytes again.
+        staged: Arc<Mutex<Option<(String, SealedSnapshot)>>>,
+    },
+}
+
+/// Runs blocking file work where the node's I/O mode says.
+async fn run_io<T: Send + 'static>(
+    io: IoMode,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    match io {
+        IoMode::Inline => Ok(work()),
+        IoMode::Thread => tokio::task::spawn_blocking(work).await.map_err(|e| e.to_string()),
+    }
 }
 
 impl SnapshotHome {
@@ -357,7 +415,19 @@ impl SnapshotHome {
                 lock(&m.disk).snapshot = Some(snapshot);
                 Ok(())
             }
-            SnapshotHome::Disk { store, io } => {
+            SnapshotHome::Disk { store, io, staged } => {
+                let last = snapshot.meta.last_log_id.as_ref().map(highlander_wal::entry_id);
+                let received = lock(staged).take_if(|(id, sealed)| {
+                    *id == snapshot.meta.snapshot_id && sealed.last_log() == last
+                });
+                if let Some((_, sealed)) = received {
+                    let publish = run_io(*io, move || sealed.publish()).await.map_err(|e| {
+                        storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e)
+                    })?;
+                    return publish.map(|_| ()).map_err(|e| {
+                        storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e.to_string())
+                    });
+                }
                 let meta = codec::encode(&snapshot.meta).map_err(|e| {
                     storage_error(
                         ErrorSubject::StateMachine,
@@ -365,7 +435,6 @@ impl SnapshotHome {
                         format!("encode snapshot meta: {e}"),
                     )
                 })?;
-                let last = snapshot.meta.last_log_id.as_ref().map(highlander_wal::entry_id);
                 let store = store.clone();
                 let write = move || store.save(last, &meta, &snapshot.data);
                 let result = match io {
@@ -417,7 +486,8 @@ pub(crate) fn open(
         Storage::Memory(m) => {
             let sm = StateMachine::open(SnapshotHome::Mem(m.clone()), applied, None)
                 .map_err(|e| e.to_string())?;
-            Ok((Log::Mem(MemLog::new(m)), sm, None))
+            let coverage = sm.coverage.clone();
+            Ok((Log::Mem(MemLog::new(m), coverage), sm, None))
         }
         Storage::Disk(d) => {
             let opened = highlander_wal::open(d.fs.clone(), &d.dir, d.options.clone())
@@ -433,10 +503,105 @@ pub(crate) fn open(
                 Some(s) => Some(stored_from_disk(&s.meta, s.data).map_err(|e| e.to_string())?),
                 None => None,
             };
-            let home = SnapshotHome::Disk { store: opened.snapshots, io: d.io };
+            let home =
+                SnapshotHome::Disk { store: opened.snapshots, io: d.io, staged: Arc::default() };
             let sm = StateMachine::open(home, applied, initial).map_err(|e| e.to_string())?;
             let log = highlander_wal::LogStore::new(opened.wal, d.io).map_err(|e| e.to_string())?;
-            Ok((Log::Wal(Box::new(log)), sm, Some(opened.lock)))
+            let coverage = sm.coverage.clone();
+            Ok((Log::Wal(Box::new(log), coverage), sm, Some(opened.lock)))
+        }
+    }
+}
+
+/// Receives snapshots streamed from the leader into the node's storage: for a data
+/// directory, into a temporary snapshot file that is synced and read back before openraft
+/// is asked to install it; in memory, into a buffer.
+#[derive(Clone)]
+pub(crate) struct SnapshotInbox {
+    home: SnapshotHome,
+}
+
+impl SnapshotInbox {
+    /// A sink for the data of the snapshot described by `meta`.
+    pub(crate) async fn begin(
+        &self,
+        meta: &SnapshotMeta<u64, EmptyNode>,
+    ) -> Result<SnapshotSink, String> {
+        match &self.home {
+            SnapshotHome::Mem(_) => Ok(SnapshotSink::Memory(Vec::new())),
+            SnapshotHome::Disk { store, io, staged } => {
+                let encoded = codec::encode(meta).map_err(|e| e.to_string())?;
+                let last = meta.last_log_id.as_ref().map(highlander_wal::entry_id);
+                let store = store.clone();
+                let writer = run_io(*io, move || store.begin(last, &encoded))
+                    .await?
+                    .map_err(|e| e.to_string())?;
+                Ok(SnapshotSink::File { writer, io: *io, staged: staged.clone() })
+            }
+        }
+    }
+
+    /// Forgets a staged snapshot that openraft did not install (it was not newer than what
+    /// the node has, or the sender's vote was stale); its temporary file is removed.
+    pub(crate) async fn discard_staged(&self) {
+        if let SnapshotHome::Disk { io, staged, .. } = &self.home {
+            let unused = lock(staged).take();
+            if unused.is_some() {
+                let _ = run_io(*io, move || drop(unused)).await;
+            }
+        }
+    }
+}
+
+/// Where one incoming snapshot's bytes go while they arrive.
+pub(crate) enum SnapshotSink {
+    Memory(Vec<u8>),
+    File {
+        writer: SnapshotWriter,
+        io: IoMode,
+        staged: Arc<Mutex<Option<(String, SealedSnapshot)>>>,
+    },
+}
+
+impl SnapshotSink {
+    /// Appends the next bytes.
+    pub(crate) async fn write(self, bytes: Vec<u8>) -> Result<SnapshotSink, String> {
+        match self {
+            SnapshotSink::Memory(mut buf) => {
+                buf.extend_from_slice(&bytes);
+                Ok(SnapshotSink::Memory(buf))
+            }
+            SnapshotSink::File { mut writer, io, staged } => {
+                let writer = run_io(io, move || {
+                    std::io::Write::write_all(&mut writer, &bytes).map(|()| writer)
+                })
+                .await?
+                .map_err(|e| e.to_string())?;
+                Ok(SnapshotSink::File { writer, io, staged })
+            }
+        }
+    }
+
+    /// Ends the transfer and returns the data as the node's storage now holds it. For a
+    /// data directory the file is synced and read back (checksummed) first, then staged so
+    /// that installing it publishes this very file.
+    pub(crate) async fn finish(self, snapshot_id: String) -> Result<Vec<u8>, String> {
+        match self {
+            SnapshotSink::Memory(buf) => Ok(buf),
+            SnapshotSink::File { writer, io, staged } => {
+                let (sealed, data) = run_io(io, move || {
+                    let sealed = writer.seal()?;
+                    let data = sealed.read_data()?;
+                    Ok::<_, highlander_wal::WalError>((sealed, data))
+                })
+                .await?
+                .map_err(|e| e.to_string())?;
+                let replaced = lock(&staged).replace((snapshot_id, sealed));
+                if replaced.is_some() {
+                    let _ = run_io(io, move || drop(replaced)).await;
+                }
+                Ok(data)
+            }
         }
     }
 }
@@ -499,6 +664,7 @@ impl AppliedState {
 pub(crate) struct StateMachine {
     home: SnapshotHome,
     applied: Arc<AppliedState>,
+    coverage: Coverage,
 }
 
 impl StateMachine {
@@ -513,6 +679,7 @@ impl StateMachine {
             Some(s) => Some(s),
             None => home.latest()?,
         };
+        let coverage = Coverage::new(snapshot.as_ref().and_then(|s| s.meta.last_log_id));
         if let Some(s) = snapshot {
             let body = decode_snapshot(&s.meta, &s.data)?;
             let mut a = applied.write();
@@ -520,7 +687,12 @@ impl StateMachine {
             a.last_applied = s.meta.last_log_id;
             a.membership = s.meta.last_membership.clone();
         }
-        Ok(StateMachine { home, applied })
+        Ok(StateMachine { home, applied, coverage })
+    }
+
+    /// Where snapshots streamed in from the leader are received.
+    pub(crate) fn inbox(&self) -> SnapshotInbox {
+        SnapshotInbox { home: self.home.clone() }
     }
 
     /// An in-memory state machine over `storage`, for tests.
@@ -601,7 +773,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { home: self.home.clone(), applied: self.applied.clone() }
+        SnapshotBuilder {
+            home: self.home.clone(),
+            applied: self.applied.clone(),
+            coverage: self.coverage.clone(),
+        }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Vec<u8>>> {
@@ -618,6 +794,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Durable before the state is swapped: a crash right after must not find an older
         // snapshot with a log that was truncated for this one.
         self.home.save(StoredSnapshot { meta: meta.clone(), data: *snapshot }).await?;
+        self.coverage.advance(meta.last_log_id);
         let index = {
             let mut a = self.applied.write();
             a.state = body.state;
@@ -640,6 +817,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 pub(crate) struct SnapshotBuilder {
     home: SnapshotHome,
     applied: Arc<AppliedState>,
+    coverage: Coverage,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -663,6 +841,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let meta =
             SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
         self.home.save(StoredSnapshot { meta: meta.clone(), data: data.clone() }).await?;
+        self.coverage.advance(meta.last_log_id);
         Ok(Snapshot { meta, snapshot: Box::new(data) })
     }
 }

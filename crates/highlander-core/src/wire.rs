@@ -36,7 +36,7 @@ pub enum RaftMessage {
     AppendEntries(Payload),
     /// RequestVote.
     Vote(Payload),
-    /// A whole snapshot with the leader's vote.
+    /// One chunk of a snapshot the leader is sending (the runtime defines its contents).
     Snapshot(Payload),
 }
 

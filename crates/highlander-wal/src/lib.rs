@@ -44,8 +44,12 @@
 //!      [`SnapshotStore::save`] it (or stream it: [`SnapshotStore::begin`], write,
 //!      [`SnapshotWriter::finish`]). It is durable when this returns, which is what makes
 //!      openraft's purge that follows safe; the log refuses a purge no snapshot covers.
-//!    - `install_snapshot`: decode and check the bytes, write them the same way, and only
-//!      then swap the in-memory state.
+//!    - receiving a snapshot from the leader: stream its chunks into
+//!      [`SnapshotStore::begin`] as they arrive, [`SnapshotWriter::seal`] it (synced, read
+//!      back), [`SealedSnapshot::read_data`] and check it; `install_snapshot` then
+//!      [publishes](SealedSnapshot::publish) that file (or writes the bytes like a built
+//!      one), and only then swaps the in-memory state. openraft asks for the purge that
+//!      follows without waiting for the install: wait until the snapshot is durable first.
 //!    - `get_current_snapshot`: [`SnapshotStore::latest`] and [`SnapshotStore::load`]
 //!      (verified), or [`SnapshotStore::open_reader`] to stream it to a peer.
 //! 3. **Log**: `LogStore::<TypeConfig>::new(opened.wal, IoMode::Thread)` is openraft's
@@ -89,7 +93,8 @@ pub use fs::{CrashMode, Fs, RealFs, SimFs};
 pub use inspect::{Inspection, inspect};
 pub use raft::{IoMode, LogReader, LogStore, decode_entry, encode_entry, entry_id, log_id};
 pub use snapshot::{
-    LoadedSnapshot, SnapshotInfo, SnapshotReader, SnapshotRecovery, SnapshotStore, SnapshotWriter,
+    LoadedSnapshot, SealedSnapshot, SnapshotInfo, SnapshotReader, SnapshotRecovery, SnapshotStore,
+    SnapshotWriter,
 };
 pub use wal::{LogRecovery, LogState, Wal, WalOptions, WalReader};
 

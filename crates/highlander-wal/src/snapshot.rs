@@ -445,7 +445,15 @@ impl SnapshotWriter {
     /// file back and checks it (unless turned off), renames it into place, syncs the
     /// directory, then deletes snapshots beyond the newest two. Only after this returns may
     /// the log be purged up to the snapshot, or the in-memory state be replaced by it.
-    pub fn finish(mut self) -> Result<SnapshotInfo> {
+    pub fn finish(self) -> Result<SnapshotInfo> {
+        self.seal()?.publish()
+    }
+
+    /// Makes the temporary file durable and checked, but not yet visible: writes the header,
+    /// `fdatasync`, and reads the file back (unless turned off). A snapshot streamed in from
+    /// the leader is sealed, read back and decoded before anything relies on it; only then
+    /// is it [published](SealedSnapshot::publish). Dropping the sealed snapshot removes it.
+    pub fn seal(mut self) -> Result<SealedSnapshot> {
         self.flush_buf()?;
         let data_len = self.pos - HEADER_LEN - self.meta_len;
         let header = encode_header(&Header {
@@ -461,21 +469,7 @@ impl SnapshotWriter {
         if self.store.inner.verify_writes {
             self.verify()?;
         }
-        let path = self.store.inner.dir.join(snapshot_name(self.seq));
-        let fs = self.store.inner.fs.clone();
-        fs.rename(&tmp, &path).map_err(|e| WalError::io("rename", &tmp, e))?;
-        self.done = true;
-        let dir = self.store.inner.dir.clone();
-        fs.sync_dir(&dir).map_err(|e| WalError::io("fsync dir", &dir, e))?;
-        let info = SnapshotInfo {
-            seq: self.seq,
-            last_log: self.last_log,
-            meta_len: self.meta_len,
-            data_len,
-            path,
-        };
-        self.store.install(info.clone())?;
-        Ok(info)
+        Ok(SealedSnapshot { writer: self, data_len })
     }
 
     /// Reads the temporary file back and checks it against what was written.
@@ -504,6 +498,70 @@ impl SnapshotWriter {
             ));
         }
         Ok(())
+    }
+}
+
+/// A snapshot whose temporary file is durable and checked but not yet visible: see
+/// [`SnapshotWriter::seal`]. Dropping it removes the temporary file.
+pub struct SealedSnapshot {
+    writer: SnapshotWriter,
+    data_len: u64,
+}
+
+impl std::fmt::Debug for SealedSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedSnapshot")
+            .field("tmp", &self.writer.tmp)
+            .field("data_len", &self.data_len)
+            .finish()
+    }
+}
+
+impl SealedSnapshot {
+    /// The snapshot's covered log position.
+    pub fn last_log(&self) -> Option<EntryId> {
+        self.writer.last_log
+    }
+
+    /// Reads the data back from the temporary file, checking the body's checksum: what the
+    /// caller gets is what a restart would load.
+    pub fn read_data(&self) -> Result<Vec<u8>> {
+        let w = &self.writer;
+        let file = &*w.file;
+        let len = usize::try_from(w.meta_len + self.data_len)
+            .map_err(|_| WalError::corrupt(&w.tmp, HEADER_LEN, "snapshot too large to load"))?;
+        let mut body = vec![0u8; len];
+        fs::read_exact_at(file, &mut body, HEADER_LEN)
+            .map_err(|e| WalError::io("read", &w.tmp, e))?;
+        if crc32c::crc32c(&body) != w.crc {
+            return Err(WalError::corrupt(
+                &w.tmp,
+                HEADER_LEN,
+                "snapshot read back fails its checksum",
+            ));
+        }
+        Ok(body.split_off(w.meta_len as usize))
+    }
+
+    /// Renames the file into place, syncs the directory, and deletes snapshots beyond the
+    /// newest two: from here on the snapshot is the one a restart loads.
+    pub fn publish(mut self) -> Result<SnapshotInfo> {
+        let w = &mut self.writer;
+        let path = w.store.inner.dir.join(snapshot_name(w.seq));
+        let fs = w.store.inner.fs.clone();
+        fs.rename(&w.tmp, &path).map_err(|e| WalError::io("rename", &w.tmp, e))?;
+        w.done = true;
+        let dir = w.store.inner.dir.clone();
+        fs.sync_dir(&dir).map_err(|e| WalError::io("fsync dir", &dir, e))?;
+        let info = SnapshotInfo {
+            seq: w.seq,
+            last_log: w.last_log,
+            meta_len: w.meta_len,
+            data_len: self.data_len,
+            path,
+        };
+        w.store.install(info.clone())?;
+        Ok(info)
     }
 }
 

@@ -427,6 +427,43 @@ fn snapshots_keep_two_fall_back_past_damage_and_clean_temporaries() {
 }
 
 #[test]
+fn a_sealed_snapshot_is_invisible_until_published_and_gone_if_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(1 << 20);
+    let snaps = dir.path().join("snapshots");
+    let temporaries = || {
+        fs::read_dir(&snaps)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().to_string_lossy().ends_with(".tmp"))
+            .count()
+    };
+    let opened = highlander_wal::open(RealFs::shared(), dir.path(), o.clone()).unwrap();
+    let s = opened.snapshots.clone();
+    let old = s.save(Some(id(1, 2)), b"m2", b"two").unwrap();
+
+    // Sealed and dropped (the install was refused): nothing left, nothing listed.
+    let mut w = s.begin(Some(id(2, 9)), b"m9").unwrap();
+    std::io::Write::write_all(&mut w, b"refused").unwrap();
+    let sealed = w.seal().unwrap();
+    assert_eq!(sealed.read_data().unwrap(), b"refused");
+    assert_eq!((s.latest(), temporaries()), (Some(old.clone()), 1), "sealed is not visible");
+    drop(sealed);
+    assert_eq!((s.latest(), temporaries()), (Some(old.clone()), 0), "dropped is removed");
+
+    // Sealed, read back, then published: the one a restart loads.
+    let mut w = s.begin(Some(id(2, 10)), b"m10").unwrap();
+    std::io::Write::write_all(&mut w, &vec![5u8; 2 << 20]).unwrap();
+    let sealed = w.seal().unwrap();
+    assert_eq!(sealed.read_data().unwrap(), vec![5u8; 2 << 20]);
+    let info = sealed.publish().unwrap();
+    assert_eq!((s.latest(), temporaries()), (Some(info.clone()), 0));
+    drop((s, opened));
+    let opened = highlander_wal::open(RealFs::shared(), dir.path(), o).unwrap();
+    let loaded = opened.snapshot.unwrap();
+    assert_eq!((loaded.info, loaded.meta, loaded.data.len()), (info, b"m10".to_vec(), 2 << 20));
+}
+
+#[test]
 fn inspect_reports_without_changing_anything() {
     let dir = tempfile::tempdir().unwrap();
     let o = opts(4096);
