@@ -332,9 +332,9 @@ impl NodeBuilder {
     pub async fn start(self) -> Result<Node, Error> {
         let Validated { id, peers, transport } = self.validate()?;
         let storage = self.storage.unwrap_or_else(|| Storage::Memory(MemStorage::new()));
-        let boot = match &storage {
-            Storage::Memory(m) => m.next_boot(),
-            Storage::Disk(_) => 0,
+        let (boot, in_flight) = match &storage {
+            Storage::Memory(m) => (m.next_boot(), crate::proposer::IN_FLIGHT_MEMORY),
+            Storage::Disk(_) => (0, crate::proposer::IN_FLIGHT_DISK),
         };
         // Strictly larger on every start of this node id, whatever the wall clock does.
         let incarnation = (self.clock.since_epoch().as_micros() as u64).max(1).saturating_add(boot);
@@ -349,6 +349,7 @@ impl NodeBuilder {
             transport: transport.clone(),
             attempt_timeout: self.timing.election_bound(),
             retry_pause: self.timing.heartbeat,
+            in_flight,
         };
         let proposer = Proposer::start(path, self.timing.write_timeout, &mut tasks);
         let (leader, keepalives) = LeaderState::new();

@@ -2,9 +2,9 @@
 //! writes it through the leader (forwarding when this node does not lead), and retries with
 //! the same commands until the write succeeds or the caller's deadline passes.
 //!
-//! Throughput comes from batching and pipelining: while up to [`MAX_IN_FLIGHT`] entries are
-//! being written, new commands queue and leave together as the next entry. A lone caller
-//! is not delayed by a timer.
+//! Throughput comes from batching and pipelining: while up to [`WritePath::in_flight`]
+//! entries are being written, new commands queue and leave together as the next entry. A lone
+//! caller is not delayed by a timer.
 //!
 //! Retrying is safe because every command is idempotent or de-duplicated: `Send` carries a
 //! request id, the others are refused harmlessly when they have become stale.
@@ -19,8 +19,15 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-/// Entries written concurrently.
-pub(crate) const MAX_IN_FLIGHT: usize = 16;
+/// Entries written concurrently when the log is in memory: an entry is cheap, so pipelining
+/// many keeps every stage busy.
+pub(crate) const IN_FLIGHT_MEMORY: usize = 16;
+/// Entries written concurrently when the log is on disk. openraft 0.9 appends one entry
+/// batch at a time and waits for its `fdatasync` before the next, on the leader and on every
+/// follower, so syncs per second are fixed and throughput comes from commands per entry:
+/// fewer entries in flight make each one fuller. Measured on this project's machine with 64
+/// senders: 16 in flight 14,600 msg/s, 4 in flight 38,900 msg/s (p99 8.0 → 2.8 ms).
+pub(crate) const IN_FLIGHT_DISK: usize = 4;
 /// Commands in one entry.
 const MAX_BATCH_COMMANDS: usize = 1024;
 /// Approximate bytes in one entry (one larger command still goes alone).
@@ -58,6 +65,8 @@ pub(crate) struct WritePath {
     pub(crate) attempt_timeout: Duration,
     /// How long to wait before retrying when no leader is known.
     pub(crate) retry_pause: Duration,
+    /// Entries written concurrently ([`IN_FLIGHT_MEMORY`] or [`IN_FLIGHT_DISK`]).
+    pub(crate) in_flight: usize,
 }
 
 impl Proposer {
@@ -99,7 +108,7 @@ impl Proposer {
 }
 
 async fn run(mut rx: mpsc::Receiver<Pending>, path: Arc<WritePath>) {
-    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let permits = Arc::new(Semaphore::new(path.in_flight.max(1)));
     let mut writes = JoinSet::new();
     while let Some(first) = rx.recv().await {
         // While every permit is taken, more commands queue up and join this batch.
