@@ -110,6 +110,12 @@ pub enum Error {
         /// The key.
         key: Key,
     },
+    /// This node has no handler for the key.
+    #[error("this node has no handler for {key}")]
+    NotRegistered {
+        /// The key.
+        key: Key,
+    },
     /// The write did not complete in time. It may or may not have been applied; a retry of
     /// the same call may duplicate it.
     #[error("timed out; the outcome is unknown")]

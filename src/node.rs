@@ -499,6 +499,80 @@ impl Node {
         self.register(key.into_key()?, spec, TaskOptions::default(), box_handler(handler)).await
     }
 
+    /// Withdraws this node from running `key`, leaving the other nodes that registered it to
+    /// run it. A task of the key running here is cancelled (and aborted after the stop grace,
+    /// at the lease deadline at the latest); only once it has ended is its slot released,
+    /// with the acknowledgements of what it consumed, so the next owner starts after it. Then
+    /// this node's candidacy is removed. Messages still queued stay with the key.
+    ///
+    /// Fails with [`Error::NotRegistered`] if this node has no handler for the key, and with
+    /// [`Error::Timeout`] if the slot was not released within the write timeout (the handler
+    /// is gone all the same: this node runs the key no more and gives back any slot it gets).
+    pub async fn unregister(&self, key: impl IntoKey) -> Result<(), Error> {
+        let key = key.into_key()?;
+        self.check_running()?;
+        if self.shared.handlers().remove(&key).is_none() {
+            return Err(Error::NotRegistered { key });
+        }
+        // The supervisor now treats the key's slots as ones to hand over.
+        let _ = self.control.supervisor.send(SupervisorCommand::Reconcile).await;
+        let timeout = self.shared.timing.write_timeout;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(session) = session::wait_for_session(&self.shared, timeout).await else {
+                return Err(Error::Unavailable(
+                    "no session: the node has not reached a quorum".into(),
+                ));
+            };
+            // Unregister vacates the session's slots of the key outright, so it is written
+            // only when none is held any more: a task that may still run is never cut loose.
+            self.wait_released(&key, session, deadline).await?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let command = Command::Unregister { session, key: key.clone() };
+            let outcome = self.shared.proposer.write_within(vec![command], remaining).await;
+            match outcome.map(|mut o| o.pop()) {
+                Ok(Some(Outcome::Unregistered)) => return Ok(()),
+                // A new session registers only the handlers it has: the key is not among them.
+                Ok(Some(Outcome::Rejected(Rejection::NoSuchSession))) => {
+                    if self.shared.lease().session != Some(session) {
+                        return Ok(());
+                    }
+                    self.wait_session_change(session).await;
+                }
+                Ok(Some(other)) => return Err(outcome_error(&key, other)),
+                Ok(None) => return Err(Error::Stopped("no outcome".into())),
+                Err(e) => return Err(write_error(e)),
+            }
+        }
+    }
+
+    /// Waits until `session` owns no slot of `key` in the applied state.
+    async fn wait_released(
+        &self,
+        key: &Key,
+        session: SessionId,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let mut applied = self.shared.applied.subscribe();
+        loop {
+            let held = {
+                let a = self.shared.applied.read();
+                a.state
+                    .sessions
+                    .get(&session)
+                    .is_some_and(|s| s.owned.iter().any(|(k, _)| k == key))
+            };
+            if !held {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, applied.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Error::Stopped("the node is stopping".into())),
+                Err(_) => return Err(Error::Timeout),
+            }
+        }
+    }
+
     async fn register(
         &self,
         key: Key,

@@ -29,6 +29,8 @@ pub(crate) enum SupervisorCommand {
     /// Stop every task (cancel, then abort after `grace`), run no more, and answer with the
     /// acknowledgements still to be written.
     StopAll { grace: Duration, reply: oneshot::Sender<Vec<Command>> },
+    /// The node's handlers changed: look again at what should run.
+    Reconcile,
 }
 
 type SlotId = (Key, u32);
@@ -112,6 +114,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut commands: mpsc::Receiver<Superv
                     let acks = s.stop_all(grace).await;
                     let _ = reply.send(acks);
                 }
+                Some(SupervisorCommand::Reconcile) => {}
                 None => return,
             },
             Some(done) = s.tasks.join_next_with_id() => s.finished(done),
@@ -138,8 +141,9 @@ async fn sleep_until_opt(at: Option<Instant>) {
 }
 
 impl Supervisor {
-    /// The slots this node may run now, with their tokens, and the slots the leader asked it
-    /// to hand over (which must stop, then be released).
+    /// The slots this node may run now, with their tokens, and the slots to hand over (which
+    /// must stop, then be released): those the leader asked it to move, and those of keys
+    /// this node no longer has a handler for (it is withdrawing from them).
     fn desired(
         &self,
         lease: &Lease,
@@ -151,6 +155,7 @@ impl Supervisor {
             return (run, moving);
         }
         let Some(session) = lease.session else { return (run, moving) };
+        let handled: BTreeSet<Key> = self.shared.handlers().keys().cloned().collect();
         let applied = self.shared.applied.read();
         let Some(s) = applied.state.sessions.get(&session) else { return (run, moving) };
         // Stop asking tasks to run one grace before the lease runs out.
@@ -160,7 +165,7 @@ impl Supervisor {
                 && owner.session == session
                 && !self.given_up.contains(&owner.token)
             {
-                if owner.moving {
+                if owner.moving || !handled.contains(key) {
                     moving.insert((key.clone(), *slot), owner.token);
                 } else if lease_ok {
                     run.insert((key.clone(), *slot), owner.token);

@@ -23,6 +23,11 @@ const STUBBORN: &str = "stubborn";
 const GROUP: &str = "group";
 const GROUP_SLOTS: u32 = 2;
 
+/// The singletons a node may withdraw from: the plain keys, then the stubborn one.
+fn withdrawable(i: usize) -> &'static str {
+    KEYS.get(i).copied().unwrap_or(STUBBORN)
+}
+
 /// SplitMix64: small, seedable, the same everywhere.
 struct Rng(u64);
 
@@ -50,9 +55,24 @@ enum Step {
     Partition(Vec<u64>, Vec<u64>),
     OneWay(Vec<u64>, Vec<u64>),
     Heal,
-    Link { from: u64, to: u64, drop_pct: u64, dup_pct: u64, delay_ms: (u64, u64) },
+    Link {
+        from: u64,
+        to: u64,
+        drop_pct: u64,
+        dup_pct: u64,
+        delay_ms: (u64, u64),
+    },
     ClearLinks,
-    Send { from: u64, key: usize, count: u64 },
+    Send {
+        from: u64,
+        key: usize,
+        count: u64,
+    },
+    /// Unregister a singleton on a node, then register it again.
+    Withdraw {
+        node: u64,
+        key: usize,
+    },
     Wait(u64),
 }
 
@@ -74,6 +94,9 @@ impl fmt::Display for Step {
             Step::ClearLinks => write!(f, "clear links"),
             Step::Send { from, key, count } => {
                 write!(f, "send {count} to {} from n{from}", key_name(*key))
+            }
+            Step::Withdraw { node, key } => {
+                write!(f, "withdraw n{node} from {}", withdrawable(*key))
             }
             Step::Wait(ms) => write!(f, "wait {ms} ms"),
         }
@@ -134,6 +157,10 @@ impl Schedule {
                     from: 1 + rng.below(nodes),
                     key: rng.below(KEYS.len() as u64 + 1) as usize,
                     count: 1 + rng.below(5),
+                },
+                85..=90 => Step::Withdraw {
+                    node: 1 + rng.below(nodes),
+                    key: rng.below(KEYS.len() as u64 + 1) as usize,
                 },
                 _ => Step::Wait(rng.below(3000)),
             };
@@ -237,6 +264,22 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                         }
                     }
                 }
+            }
+            Step::Withdraw { node, key } => {
+                let Some(n) = sim.try_node(*node).cloned() else { continue };
+                let name = withdrawable(*key);
+                // Each may fail under faults (no quorum, a stopping node, the slot not released
+                // in time); what matters is that no two owners ever overlap, which the checker
+                // sees, and that the key is owned again in the liveness phase.
+                let _ = tokio::time::timeout(Duration::from_secs(3), n.unregister(name)).await;
+                let register = async {
+                    if name == STUBBORN {
+                        n.singleton(name, journal.stubborn()).await
+                    } else {
+                        n.singleton(name, journal.consumer()).await
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(3), register).await;
             }
             Step::Wait(ms) => sim.run_for(Duration::from_millis(*ms)).await,
         }

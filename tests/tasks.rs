@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::init_tracing;
-use highlander::{RestartPolicy, TaskOptions};
+use common::{Journal, init_tracing};
+use highlander::{Error, RestartPolicy, TaskOptions};
 use highlander_sim::SimCluster;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -232,5 +232,82 @@ async fn keys_that_piled_up_on_the_first_node_spread_out_safely() {
     let owners: Vec<_> = keys.iter().map(|k| sim.owners(k)).collect();
     sim.run_for(Duration::from_secs(10)).await;
     assert_eq!(owners, keys.iter().map(|k| sim.owners(k)).collect::<Vec<_>>());
+    sim.assert_invariants();
+}
+
+#[tokio::test(start_paused = true)]
+async fn unregister_hands_the_key_over_only_after_the_task_has_stopped() {
+    init_tracing();
+    let journal = Journal::default();
+    let j = journal.clone();
+    let sim = SimCluster::builder()
+        .nodes(3)
+        .seed(44)
+        .setup(move |node| {
+            let j = j.clone();
+            async move {
+                node.singleton("job", j.consumer()).await?;
+                // Ignores cancellation: only the abort at the end of the grace stops it.
+                node.singleton("stubborn", j.stubborn()).await
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    sim.wait_until(Duration::from_secs(5), |s| {
+        s.owners("job")[0].is_some() && s.owners("stubborn")[0].is_some()
+    })
+    .await
+    .unwrap();
+    for i in 0..20u64 {
+        sim.send(1 + i % 3, "job", format!("a{i}")).await.unwrap();
+    }
+
+    for key in ["job", "stubborn"] {
+        let (first, t1) = sim.owners(key)[0].unwrap();
+        sim.node(first).unregister(key).await.unwrap();
+        // Released only after the task ended; the checker would flag any overlap.
+        sim.wait_until(Duration::from_secs(5), |s| {
+            s.owners(key)[0].is_some_and(|(n, _)| n != first)
+        })
+        .await
+        .unwrap();
+        let (_, t2) = sim.owners(key)[0].unwrap();
+        assert!(t2 > t1, "{key}: a larger token for the next owner");
+        let report = sim.status().unwrap();
+        let k = report.keys.iter().find(|k| k.key.as_str() == key).unwrap();
+        assert!(!k.candidates.contains(&first), "{key}: {first} is no candidate any more");
+        match sim.node(first).unregister(key).await {
+            Err(Error::NotRegistered { .. }) => {}
+            other => panic!("a second unregister: {other:?}"),
+        }
+    }
+
+    // Messages sent before and after all reach the next owner, in order.
+    for i in 0..20u64 {
+        sim.send(1 + i % 3, "job", format!("b{i}")).await.unwrap();
+    }
+    sim.wait_until(Duration::from_secs(10), |s| s.checker().check_all_delivered().is_ok())
+        .await
+        .unwrap();
+    let delivered = journal.payloads("job");
+    let expected: Vec<Vec<u8>> = (0..20)
+        .map(|i| format!("a{i}"))
+        .chain((0..20).map(|i| format!("b{i}")))
+        .map(String::into_bytes)
+        .collect();
+    assert!(expected.iter().all(|m| delivered.contains(m)), "none lost");
+
+    // Withdrawn from every node, the key runs nowhere; registered again, it runs again.
+    for id in sim.ids() {
+        let _ = sim.node(id).unregister("job").await;
+    }
+    sim.wait_until(Duration::from_secs(5), |s| s.owners("job").iter().all(Option::is_none))
+        .await
+        .unwrap();
+    sim.node(2).singleton("job", journal.consumer()).await.unwrap();
+    sim.wait_until(Duration::from_secs(5), |s| s.owners("job")[0].is_some_and(|(n, _)| n.0 == 2))
+        .await
+        .unwrap();
     sim.assert_invariants();
 }
