@@ -110,6 +110,13 @@ pub enum Error {
         /// The key.
         key: Key,
     },
+    /// This node is still withdrawing from the key (an `unregister` of it has not returned);
+    /// register it again once it has.
+    #[error("this node is still withdrawing from {key}; register it again once unregister returns")]
+    Withdrawing {
+        /// The key.
+        key: Key,
+    },
     /// This node has no handler for the key.
     #[error("this node has no handler for {key}")]
     NotRegistered {

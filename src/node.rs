@@ -48,6 +48,9 @@ pub(crate) struct Shared {
     client: Mutex<ClientId>,
     lease: watch::Sender<Lease>,
     handlers: Mutex<BTreeMap<Key, Arc<HandlerEntry>>>,
+    /// Keys an `unregister` is withdrawing this node from; they cannot be registered again
+    /// until it returns (its `Unregister` would vacate the new registration's slot).
+    withdrawing: Mutex<BTreeSet<Key>>,
     stopping: watch::Sender<bool>,
     fatal: Mutex<Option<Error>>,
     origin: Instant,
@@ -82,6 +85,11 @@ impl Shared {
 
     pub(crate) fn lease_watch(&self) -> watch::Receiver<Lease> {
         self.lease.subscribe()
+    }
+
+    /// Keys being withdrawn from (lock after [`handlers`](Self::handlers) when both are held).
+    pub(crate) fn withdrawing(&self) -> MutexGuard<'_, BTreeSet<Key>> {
+        self.withdrawing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn handlers(&self) -> MutexGuard<'_, BTreeMap<Key, Arc<HandlerEntry>>> {
@@ -366,6 +374,7 @@ impl NodeBuilder {
             client: Mutex::new(ClientId { node: id, incarnation }),
             lease: watch::channel(Lease::default()).0,
             handlers: Mutex::default(),
+            withdrawing: Mutex::default(),
             stopping: watch::channel(false).0,
             fatal: Mutex::default(),
             origin: Instant::now(),
@@ -511,9 +520,21 @@ impl Node {
     pub async fn unregister(&self, key: impl IntoKey) -> Result<(), Error> {
         let key = key.into_key()?;
         self.check_running()?;
-        if self.shared.handlers().remove(&key).is_none() {
-            return Err(Error::NotRegistered { key });
+        {
+            let mut handlers = self.shared.handlers();
+            if handlers.remove(&key).is_none() {
+                return Err(Error::NotRegistered { key });
+            }
+            self.shared.withdrawing().insert(key.clone());
         }
+        let result = self.withdraw(&key).await;
+        self.shared.withdrawing().remove(&key);
+        result
+    }
+
+    /// The rest of [`unregister`](Self::unregister), once the handler is gone.
+    async fn withdraw(&self, key: &Key) -> Result<(), Error> {
+        let key = key.clone();
         // The supervisor now treats the key's slots as ones to hand over.
         let _ = self.control.supervisor.send(SupervisorCommand::Reconcile).await;
         let timeout = self.shared.timing.write_timeout;
@@ -585,6 +606,9 @@ impl Node {
             let mut handlers = self.shared.handlers();
             if handlers.contains_key(&key) {
                 return Err(Error::AlreadyRegistered { key });
+            }
+            if self.shared.withdrawing().contains(&key) {
+                return Err(Error::Withdrawing { key });
             }
             handlers.insert(key.clone(), Arc::new(HandlerEntry { spec, options, run }));
         }

@@ -265,7 +265,17 @@ async fn unregister_hands_the_key_over_only_after_the_task_has_stopped() {
 
     for key in ["job", "stubborn"] {
         let (first, t1) = sim.owners(key)[0].unwrap();
-        sim.node(first).unregister(key).await.unwrap();
+        let node = sim.node(first).clone();
+        let withdrawal = tokio::spawn(async move { node.unregister(key).await });
+        if key == "stubborn" {
+            // Its task holds on until the grace ends: meanwhile the key cannot come back.
+            sim.run_for(Duration::from_millis(20)).await;
+            match sim.node(first).singleton(key, journal.stubborn()).await {
+                Err(Error::Withdrawing { .. }) => {}
+                other => panic!("a register during unregister: {other:?}"),
+            }
+        }
+        withdrawal.await.unwrap().unwrap();
         // Released only after the task ended; the checker would flag any overlap.
         sim.wait_until(Duration::from_secs(5), |s| {
             s.owners(key)[0].is_some_and(|(n, _)| n != first)
