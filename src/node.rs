@@ -527,9 +527,9 @@ impl Node {
             }
             self.shared.withdrawing().insert(key.clone());
         }
-        let result = self.withdraw(&key).await;
-        self.shared.withdrawing().remove(&key);
-        result
+        // Removed from `withdrawing` however this ends, also if the caller drops the future.
+        let _withdrawing = Withdrawing { shared: &self.shared, key: &key };
+        self.withdraw(&key).await
     }
 
     /// The rest of [`unregister`](Self::unregister), once the handler is gone.
@@ -868,6 +868,18 @@ impl Node {
         self.shared.stopping.send_replace(true);
         self.shared.set_lease(Lease::default());
         self.stop_everything().await;
+    }
+}
+
+/// Marks a key as being withdrawn from for as long as it lives.
+struct Withdrawing<'a> {
+    shared: &'a Shared,
+    key: &'a Key,
+}
+
+impl Drop for Withdrawing<'_> {
+    fn drop(&mut self) {
+        self.shared.withdrawing().remove(self.key);
     }
 }
 

@@ -308,6 +308,13 @@ async fn unregister_hands_the_key_over_only_after_the_task_has_stopped() {
         .collect();
     assert!(expected.iter().all(|m| delivered.contains(m)), "none lost");
 
+    // An unregister whose caller gives up half-way leaves the key free to register again.
+    let (owner, _) = sim.owners("job")[0].unwrap();
+    let cut_short =
+        tokio::time::timeout(Duration::from_millis(1), sim.node(owner).unregister("job")).await;
+    assert!(cut_short.is_err(), "the release takes a Raft round, longer than 1 ms");
+    sim.node(owner).singleton("job", journal.consumer()).await.unwrap();
+
     // Withdrawn from every node, the key runs nowhere; registered again, it runs again.
     for id in sim.ids() {
         let _ = sim.node(id).unregister("job").await;
