@@ -148,6 +148,7 @@ impl Supervisor {
         &self,
         lease: &Lease,
         now: Instant,
+        handlers: &BTreeMap<Key, Arc<HandlerEntry>>,
     ) -> (BTreeMap<SlotId, Token>, BTreeMap<SlotId, Token>) {
         let mut run = BTreeMap::new();
         let mut moving = BTreeMap::new();
@@ -155,7 +156,6 @@ impl Supervisor {
             return (run, moving);
         }
         let Some(session) = lease.session else { return (run, moving) };
-        let handled: BTreeSet<Key> = self.shared.handlers().keys().cloned().collect();
         let applied = self.shared.applied.read();
         let Some(s) = applied.state.sessions.get(&session) else { return (run, moving) };
         // Stop asking tasks to run one grace before the lease runs out.
@@ -165,7 +165,7 @@ impl Supervisor {
                 && owner.session == session
                 && !self.given_up.contains(&owner.token)
             {
-                if owner.moving || !handled.contains(key) {
+                if owner.moving || !handlers.contains_key(key) {
                     moving.insert((key.clone(), *slot), owner.token);
                 } else if lease_ok {
                     run.insert((key.clone(), *slot), owner.token);
@@ -178,7 +178,9 @@ impl Supervisor {
     fn reconcile(&mut self) {
         let now = Instant::now();
         let lease = self.shared.lease();
-        let (desired, moving) = self.desired(&lease, now);
+        // One copy of the handlers for this pass: what runs and what is handed over agree.
+        let handlers = self.shared.handlers().clone();
+        let (desired, moving) = self.desired(&lease, now, &handlers);
         let grace = self.shared.timing.stop_grace();
 
         // Stop what must not run.
@@ -225,7 +227,6 @@ impl Supervisor {
         }
 
         // Health deadlines.
-        let handlers = self.shared.handlers().clone();
         for (slot_id, r) in self.running.iter_mut() {
             if r.stopping.is_some() {
                 continue;

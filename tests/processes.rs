@@ -108,6 +108,13 @@ impl Events {
     }
 
     /// Waits until `found` returns something for the events so far, or panics naming `what`.
+    /// Returns when a node says something new, or after `at_most`.
+    fn next_or(&self, at_most: Duration) {
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = list.len();
+        let _ = self.changed.wait_timeout_while(list, at_most, |l| l.len() == seen);
+    }
+
     fn wait<T>(&self, what: &str, mut found: impl FnMut(&[Event]) -> Option<T>) -> T {
         let deadline = Instant::now() + WAIT;
         let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
@@ -429,7 +436,8 @@ fn a_cluster_whose_processes_are_all_killed_comes_back_with_its_singleton_and_me
             break;
         }
         assert!(Instant::now() < deadline, "only {queued} messages queued after {WAIT:?}");
-        std::thread::sleep(Duration::from_millis(100));
+        // Ask again once the nodes have moved on (a new line), or after 100 ms.
+        c.events.next_or(Duration::from_millis(100));
     }
     let before = c.events.snapshot();
     let max_before = before

@@ -5,7 +5,7 @@
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What one run of the command produced.
 #[derive(Debug)]
@@ -44,26 +44,31 @@ pub fn highlander(args: &[&str]) -> Run {
         .spawn()
         .expect("the highlander binary starts");
     let mut child = Reap(child);
-    // Read both pipes on threads so a chatty child never blocks on a full pipe.
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+    // Read both pipes on threads so a chatty child never blocks on a full pipe. The child has
+    // exited when its stdout closes; the channel says so without polling.
+    let (closed, stdout_closed) = std::sync::mpsc::channel();
+    let drain = |pipe: Option<Box<dyn Read + Send>>,
+                 closed: Option<std::sync::mpsc::Sender<()>>| {
         std::thread::spawn(move || {
             let mut text = String::new();
             if let Some(mut pipe) = pipe {
                 let _ = pipe.read_to_string(&mut text);
             }
+            if let Some(closed) = closed {
+                let _ = closed.send(());
+            }
             text
         })
     };
-    let stdout = drain(child.0.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let stderr = drain(child.0.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().expect("wait for highlander") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "highlander {args:?} ran for over 60 s");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let stdout =
+        drain(child.0.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>), Some(closed));
+    let stderr = drain(child.0.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>), None);
+    // On a timeout the panic drops `child`, which kills and reaps it.
+    assert!(
+        stdout_closed.recv_timeout(Duration::from_secs(60)).is_ok(),
+        "highlander {args:?} ran for over 60 s"
+    );
+    let status = child.0.wait().expect("wait for highlander");
     Run {
         code: status.code().unwrap_or(-1),
         stdout: stdout.join().unwrap_or_default(),
