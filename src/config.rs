@@ -71,6 +71,58 @@ impl Timing {
         }
     }
 
+    /// A preset for links of up to 150 ms round trip (across regions): heartbeat 190 ms,
+    /// election 570–1140 ms, session TTL 6.5 s, keepalive every 1.63 s, margin 163 ms. The
+    /// same as [`Timing::for_rtt`]`(150 ms)`. Failover is bounded by the TTL, so slower than
+    /// the standard preset: that is the price of a slow network, paid honestly.
+    pub fn wan() -> Timing {
+        Timing::for_rtt(Duration::from_millis(150))
+    }
+
+    /// Timing for a network whose round trips (plus a follower's log flush) take up to
+    /// `rtt`: the standard preset when it fits, otherwise every value scaled from a heartbeat
+    /// of 1.25 × `rtt` (openraft 0.9 gives every AppendEntries and every leadership
+    /// confirmation one heartbeat to answer), with the TTL long enough to ride out an
+    /// election and a margin of 2.5 % of it.
+    pub fn for_rtt(rtt: Duration) -> Timing {
+        let standard = Timing::standard();
+        if rtt <= standard.supported_rtt() {
+            return standard;
+        }
+        let ceil = |d: Duration, step: u64| {
+            let ms = d.as_millis() as u64;
+            Duration::from_millis(ms.div_ceil(step) * step)
+        };
+        let heartbeat = ceil(rtt * 5 / 4, 10);
+        let election_min = heartbeat * 3;
+        let election_max = heartbeat * 6;
+        let bound = election_max * 2 + heartbeat * 2 + heartbeat / 2;
+        let session_ttl = ceil(bound.mul_f64(2.2), 500);
+        Timing {
+            heartbeat,
+            election_min,
+            election_max,
+            session_ttl,
+            keepalive_interval: ceil(session_ttl / 4, 10),
+            lease_margin: ceil(session_ttl / 40, 1),
+            write_timeout: ceil(bound * 3, 1000).max(Duration::from_secs(5)),
+        }
+    }
+
+    /// The longest round trip (with a follower's log flush) this timing is built for: four
+    /// fifths of the heartbeat, because openraft 0.9 times out every AppendEntries and every
+    /// heartbeat of a leadership confirmation after one heartbeat interval. Slower, nothing
+    /// commits and every lease lapses; a node reports it in `status` and its log.
+    pub fn supported_rtt(&self) -> Duration {
+        self.heartbeat * 4 / 5
+    }
+
+    /// How long a node waits for the answer to one keepalive: the leader answers only after
+    /// a confirmation round with a quorum, so it takes two round trips at least.
+    pub(crate) fn keepalive_rpc_timeout(&self) -> Duration {
+        (self.keepalive_interval / 2).max(self.heartbeat * 3)
+    }
+
     /// The longest a leader change is expected to take without split votes: a follower waits
     /// out Raft's leader lease (`election_max`) and its own election timeout (at most
     /// `election_max`) and the ticker may add a heartbeat and a half; one more heartbeat
@@ -141,6 +193,15 @@ impl Timing {
                 ms(needed)
             )));
         }
+        if self.keepalive_rpc_timeout() < self.supported_rtt() * 2 {
+            return Err(TimingError(format!(
+                "keepalive_interval ({} ms) is too short for the round trips this timing \
+                 supports ({} ms): a keepalive is answered after a second round trip to a \
+                 quorum, within half a keepalive interval",
+                ms(self.keepalive_interval),
+                ms(self.supported_rtt())
+            )));
+        }
         if self.write_timeout < self.election_bound() {
             return Err(TimingError(format!(
                 "write_timeout ({} ms) must be at least the election bound ({} ms), or writes \
@@ -161,6 +222,26 @@ mod tests {
     fn presets_are_valid() {
         Timing::default().validate().unwrap();
         Timing::fast().validate().unwrap();
+        Timing::wan().validate().unwrap();
+    }
+
+    #[test]
+    fn timing_derived_from_a_round_trip_supports_it_and_is_valid() {
+        assert_eq!(Timing::for_rtt(Duration::from_millis(10)), Timing::standard());
+        assert_eq!(Timing::for_rtt(Duration::from_millis(40)), Timing::standard());
+        for ms in [41, 60, 100, 150, 250, 400, 1000] {
+            let rtt = Duration::from_millis(ms);
+            let t = Timing::for_rtt(rtt);
+            t.validate().unwrap_or_else(|e| panic!("for_rtt({ms} ms): {e}"));
+            assert!(t.supported_rtt() >= rtt, "for_rtt({ms} ms) supports {:?}", t.supported_rtt());
+            assert!(t.lease_margin * 100 >= t.session_ttl * 2, "margin below 2% at {ms} ms");
+        }
+        let wan = Timing::wan();
+        assert!(wan.supported_rtt() >= Duration::from_millis(150));
+        assert_eq!(wan.heartbeat, Duration::from_millis(190));
+        assert_eq!(wan.session_ttl, Duration::from_millis(6500));
+        // The standard preset does not support a 100 ms round trip (finding 5).
+        assert!(Timing::standard().supported_rtt() < Duration::from_millis(100));
     }
 
     #[test]

@@ -54,6 +54,13 @@ pub enum ConfigError {
     /// The limits are inconsistent.
     #[error("bad limits: {0}")]
     Limits(#[from] LimitsError),
+    /// A node id in the peer list is too large: ids at or above 2^63 name storage that
+    /// joined the cluster later.
+    #[error("node id {0} is too large: node ids must be below 2^63")]
+    NodeIdTooLarge(NodeId),
+    /// The simulated clock rate is out of range.
+    #[error("clock rate {0} is out of range: use 0.5 to 2.0 (1.0 outside simulations)")]
+    ClockRate(String),
     /// The node's limits differ from the ones the cluster adopted.
     #[error(
         "this node's limits differ from the cluster's ({cluster:?}); configure the same limits on every node"
@@ -110,13 +117,6 @@ pub enum Error {
         /// The key.
         key: Key,
     },
-    /// This node is still withdrawing from the key (an `unregister` of it has not returned);
-    /// register it again once it has.
-    #[error("this node is still withdrawing from {key}; register it again once unregister returns")]
-    Withdrawing {
-        /// The key.
-        key: Key,
-    },
     /// This node has no handler for the key.
     #[error("this node has no handler for {key}")]
     NotRegistered {
@@ -142,6 +142,10 @@ pub enum Error {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
+    /// Another process now runs as this node, on other storage (the node was started again
+    /// elsewhere, or its id is configured twice): this one stopped.
+    #[error("superseded: {0}")]
+    Superseded(String),
     /// The state machine refused the command for a reason not listed above.
     #[error("refused: {0}")]
     Rejected(Rejection),

@@ -20,7 +20,9 @@
 //! # node_key = "node-1.key"
 //!
 //! [timing]           # optional
-//! preset = "standard"    # or "fast"; any field of `Timing` can be overridden in ms:
+//! preset = "standard"    # or "fast" (a LAN), or "wan" (round trips up to 150 ms)
+//! # rtt_ms = 120         # or: timing derived from the slowest round trip between nodes
+//! # any field of `Timing` can be overridden in ms:
 //! # session_ttl_ms = 2000
 //! ```
 //!
@@ -65,6 +67,7 @@ struct FileTls {
 #[serde(deny_unknown_fields)]
 struct FileTiming {
     preset: Option<String>,
+    rtt_ms: Option<u64>,
     heartbeat_ms: Option<u64>,
     election_min_ms: Option<u64>,
     election_max_ms: Option<u64>,
@@ -225,17 +228,25 @@ fn identity(tls: &FileTls, base: &Path) -> Result<Identity, ConfigError> {
 }
 
 fn timing(t: &FileTiming) -> Result<Timing, ConfigError> {
-    let mut timing = match t.preset.as_deref() {
-        None | Some("standard") => Timing::standard(),
-        Some("fast") => Timing::fast(),
-        Some(other) => {
+    let ms = Duration::from_millis;
+    let mut timing = match (t.preset.as_deref(), t.rtt_ms) {
+        (Some(_), Some(_)) => {
+            return Err(field(
+                "timing.rtt_ms",
+                "give either a preset or rtt_ms (the timing derived from it), not both",
+            ));
+        }
+        (None, Some(rtt)) => Timing::for_rtt(ms(rtt)),
+        (None | Some("standard"), None) => Timing::standard(),
+        (Some("fast"), None) => Timing::fast(),
+        (Some("wan"), None) => Timing::wan(),
+        (Some(other), None) => {
             return Err(field(
                 "timing.preset",
-                format!("unknown preset {other:?}; use \"standard\" or \"fast\""),
+                format!("unknown preset {other:?}; use \"standard\", \"fast\" or \"wan\""),
             ));
         }
     };
-    let ms = Duration::from_millis;
     if let Some(v) = t.heartbeat_ms {
         timing.heartbeat = ms(v);
     }

@@ -7,9 +7,9 @@
 //! entry of the term whose liveness table decided it.
 
 use crate::node::Shared;
-use crate::raft::{ConfirmError, RaftNode};
+use crate::raft::ConfirmError;
 use highlander_core::wire::KeepAliveReply;
-use highlander_core::{Command, LeaseTable, Millis, Outcome, SessionId, plan};
+use highlander_core::{Command, LeaseTable, Millis, NodeId, Outcome, SessionId, plan};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -40,15 +40,18 @@ impl LeaderState {
     }
 }
 
-/// Handles one keepalive that arrived now (from a peer or from this node itself).
+/// Handles one keepalive that arrived now from `from` (a peer, or this node itself).
 ///
-/// `lapsed_ms` is how long the sender's lease has been lapsed. A node that has been lapsed
-/// for longer than its TTL is not heard from any more, and one lapsed for twice its TTL (and
-/// the margin) is expired at once, so that a node which can reach the leader but not hear its
-/// answers (a one-way partition) is expired and its tasks move, however often it makes the
-/// leadership change.
+/// `lapsed_ms` is how long the sender's lease has been lapsed. A lapse is final on the node
+/// (see `session`): it takes no renewal for that session again, so its tasks are stopped for
+/// good and the session may be expired at once. That bounds failover by about the TTL even
+/// when a node's keepalives reach the leader but the answers do not reach the node.
+///
+/// A session superseded by a newer process of its node is not renewed (and not counted as
+/// heard): its lease runs out and it expires after its TTL and margin.
 pub(crate) async fn keepalive(
     shared: &Arc<Shared>,
+    from: NodeId,
     session: SessionId,
     lapsed_ms: u64,
 ) -> KeepAliveReply {
@@ -64,23 +67,26 @@ pub(crate) async fn keepalive(
         if !table.may_renew(session) {
             return KeepAliveReply::SessionEnded;
         }
-        let lease = shared.applied.read().state.sessions.get(&session).map(|s| s.lease);
-        match lease {
-            None => return KeepAliveReply::SessionEnded,
-            // Dead for good: no renewal is granted for a keepalive sent more than a TTL after
-            // the node's deadline d, so one still in flight extends its lease to at most
-            // d + 2 TTL - margin, which is in the past (on the node's own clock) when it
-            // reports 2 TTL + margin. Even a new leader, which grants every session a full
-            // grace, may expire it now: a node that keeps calling elections cannot keep its
-            // session (and its keys) alive that way.
-            Some(l) if lapsed_ms >= 2 * l.ttl_ms + l.margin_ms => {
-                table.mark_expiring(session);
-                info!(node = %shared.id, %session, lapsed_ms, "expiring a session whose node reports its lease long lapsed");
-                return KeepAliveReply::SessionEnded;
+        let (node, superseded) = {
+            let applied = shared.applied.read();
+            match applied.state.sessions.get(&session) {
+                None => return KeepAliveReply::SessionEnded,
+                Some(s) => (s.node(), applied.state.is_superseded(session)),
             }
-            Some(l) if lapsed_ms > l.ttl_ms => return KeepAliveReply::Unconfirmed,
-            Some(_) => table.heard(session, now),
+        };
+        if node != from {
+            warn!(node = %shared.id, %from, %session, owner = %node, "keepalive for another node's session ignored");
+            return KeepAliveReply::Unconfirmed;
         }
+        if lapsed_ms > 0 {
+            table.mark_expiring(session);
+            info!(node = %shared.id, %session, lapsed_ms, "expiring a session whose node reports its lease lapsed");
+            return KeepAliveReply::SessionEnded;
+        }
+        if superseded {
+            return KeepAliveReply::SessionEnded;
+        }
+        table.heard(session, now);
     }
     let (reply, rx) = oneshot::channel();
     if shared.leader.keepalives.try_send(PendingKeepAlive { session, reply }).is_err() {
@@ -119,6 +125,7 @@ pub(crate) async fn confirm_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Pen
                             .map(|p| {
                                 if applied.state.sessions.contains_key(&p.session)
                                     && table.may_renew(p.session)
+                                    && !applied.state.is_superseded(p.session)
                                 {
                                     KeepAliveReply::Renewed
                                 } else {
@@ -153,7 +160,7 @@ pub(crate) async fn duties_loop(shared: Arc<Shared>) {
     loop {
         let expiry = async {
             match next_expiry {
-                Some(at) => tokio::time::sleep_until(at).await,
+                Some(at) => shared.clock.sleep_until(at).await,
                 None => std::future::pending().await,
             }
         };
@@ -165,7 +172,7 @@ pub(crate) async fn duties_loop(shared: Arc<Shared>) {
             _ = tick.tick() => {}
         }
         let commands = {
-            let term = RaftNode::leading_term(shared.id, &leadership.borrow_and_update());
+            let term = shared.raft.leading_term(&leadership.borrow_and_update());
             let mut guard = shared.leader.table();
             match (term, guard.as_ref().map(LeaseTable::term)) {
                 (None, Some(old)) => {
@@ -236,7 +243,7 @@ pub(crate) async fn duties_loop(shared: Arc<Shared>) {
     }
 }
 
-/// This node's monotonic time as the liveness table counts it.
-pub(crate) fn millis_since(origin: tokio::time::Instant) -> Millis {
-    Millis(tokio::time::Instant::now().saturating_duration_since(origin).as_millis() as u64)
+/// Milliseconds from `origin` to `now`, as the liveness table counts them.
+pub(crate) fn millis_between(origin: tokio::time::Instant, now: tokio::time::Instant) -> Millis {
+    Millis(now.saturating_duration_since(origin).as_millis() as u64)
 }

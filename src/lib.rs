@@ -56,6 +56,7 @@ mod error;
 mod file_config;
 mod inspect;
 mod leader;
+mod membership;
 mod node;
 mod observer;
 mod proposer;
@@ -63,6 +64,7 @@ mod raft;
 mod session;
 mod supervisor;
 mod task;
+mod watchdog;
 
 pub use clock::{SystemClock, WallClock};
 pub use config::{Timing, TimingError};
@@ -78,6 +80,7 @@ pub use node::{Node, NodeBuilder};
 pub use observer::Observer;
 pub use raft::store::{DiskStorage, MemStorage, Storage};
 pub use task::{RestartPolicy, TaskContext, TaskOptions, TaskResult};
+pub use watchdog::FAIL_STOP_EXIT_CODE;
 
 /// The sans-IO core, for transports and tools that speak the wire protocol.
 pub use highlander_core as core;

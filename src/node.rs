@@ -1,18 +1,20 @@
 //! A node: the public handle, its builder, and the state its loops share.
 
-use crate::clock::{SystemClock, WallClock};
+use crate::clock::{LeaseClock, SystemClock, WallClock};
 use crate::config::Timing;
 use crate::error::{ConfigError, Error};
 use crate::file_config::NodeConfig;
 use crate::leader::{self, LeaderState};
+use crate::membership::{self, BootState};
 use crate::observer::Observer;
 use crate::proposer::{Proposer, WriteError, WritePath};
-use crate::raft::store::{AppliedState, DiskStorage, MemStorage, Storage};
+use crate::raft::store::{self, AppliedState, DiskStorage, MemStorage, Storage};
 use crate::raft::{LocalWriteError, RaftNode};
 use crate::session;
 use crate::supervisor::{self, SupervisorCommand};
 use crate::task::{BoxedHandler, Lease, TaskContext, TaskOptions, TaskResult, box_handler};
-use highlander_core::wire::{Request, Response, StatusReport, WriteRefusal};
+use crate::watchdog::NodeWatch;
+use highlander_core::wire::{NetworkReport, Phase, Request, Response, StatusReport, WriteRefusal};
 use highlander_core::{
     BoxFuture, ClientId, Command, IntoKey, Key, KeySpec, Limits, Millis, NodeId, Outcome, Payload,
     Rejection, RequestHandler, RequestId, Seq, SessionId, Transport,
@@ -37,6 +39,8 @@ pub(crate) struct HandlerEntry {
 /// What the node's loops share.
 pub(crate) struct Shared {
     pub(crate) id: NodeId,
+    /// Every node of the static peer list, this one included.
+    pub(crate) peers: BTreeSet<NodeId>,
     pub(crate) timing: Timing,
     pub(crate) limits: Limits,
     pub(crate) raft: RaftNode,
@@ -45,12 +49,17 @@ pub(crate) struct Shared {
     pub(crate) proposer: Proposer,
     pub(crate) leader: LeaderState,
     pub(crate) observer: Option<Arc<dyn Observer>>,
+    /// Where this node's storage stands in the cluster.
+    pub(crate) boot: BootState,
+    /// The clock leases are measured with.
+    pub(crate) clock: LeaseClock,
+    /// Sees tasks that outlive their lease.
+    pub(crate) watch: Arc<NodeWatch>,
     client: Mutex<ClientId>,
     lease: watch::Sender<Lease>,
     handlers: Mutex<BTreeMap<Key, Arc<HandlerEntry>>>,
-    /// Keys an `unregister` is withdrawing this node from; they cannot be registered again
-    /// until it returns (its `Unregister` would vacate the new registration's slot).
-    withdrawing: Mutex<BTreeSet<Key>>,
+    /// The last registration epoch handed out (see [`Command::Register`]).
+    epochs: AtomicU64,
     stopping: watch::Sender<bool>,
     fatal: Mutex<Option<Error>>,
     origin: Instant,
@@ -58,11 +67,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Now on the lease clock, as the liveness table counts it.
     pub(crate) fn now_millis(&self) -> Millis {
-        leader::millis_since(self.origin)
+        leader::millis_between(self.origin, self.clock.now())
     }
 
-    /// The instant [`Millis`] count from.
+    /// The instant (on the lease clock) [`Millis`] count from.
     pub(crate) fn origin(&self) -> Instant {
         self.origin
     }
@@ -80,6 +90,9 @@ impl Shared {
     }
 
     pub(crate) fn set_lease(&self, lease: Lease) {
+        if let Some(d) = lease.deadline {
+            self.watch.set_deadline(self.clock.to_real(d));
+        }
         self.lease.send_replace(lease);
     }
 
@@ -87,9 +100,10 @@ impl Shared {
         self.lease.subscribe()
     }
 
-    /// Keys being withdrawn from (lock after [`handlers`](Self::handlers) when both are held).
-    pub(crate) fn withdrawing(&self) -> MutexGuard<'_, BTreeSet<Key>> {
-        self.withdrawing.lock().unwrap_or_else(|e| e.into_inner())
+    /// The next registration epoch: registrations and withdrawals of a key are ordered by
+    /// it, so one that lands late cannot undo a newer one.
+    pub(crate) fn next_epoch(&self) -> u64 {
+        self.epochs.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     pub(crate) fn handlers(&self) -> MutexGuard<'_, BTreeMap<Key, Arc<HandlerEntry>>> {
@@ -121,12 +135,55 @@ impl Shared {
     pub(crate) fn status(&self) -> StatusReport {
         let applied = self.applied.read();
         let (sessions, keys) = applied.state.report();
+        let lease = self.lease();
+        let (overruns, overruns_total) = self.watch.overruns();
+        let lease_left_ms = lease.deadline.map(|d| {
+            let now = self.clock.now();
+            if d >= now { (d - now).as_millis() as i64 } else { -((now - d).as_millis() as i64) }
+        });
+        let (slowest, recent_timeouts) = self.raft.peer_health().recent();
+        let network = NetworkReport {
+            supported_rtt_ms: self.timing.supported_rtt().as_millis() as u64,
+            observed_rtt_ms: slowest.map(|d| d.as_millis() as u64),
+            recent_timeouts,
+        };
+        let phase = membership::hello(self).phase;
+        let mut warnings: Vec<String> = Vec::new();
+        if let Some(e) = self.fatal() {
+            warnings.push(format!("the node has stopped: {e}"));
+        }
+        warnings.extend(self.raft.timing_warning());
+        if let Some(left) = lease_left_ms.filter(|l| *l < 0) {
+            warnings.push(format!(
+                "this node's lease lapsed {} ms ago: its tasks are stopped until a new session \
+                 is open",
+                -left
+            ));
+        }
+        for o in &overruns {
+            warnings.push(format!(
+                "task {}/{} ({}) is still running {} ms after its lease deadline: another node \
+                 may own the key; it does not yield to cancellation",
+                o.key, o.slot, o.token, o.past_deadline_ms
+            ));
+        }
+        if matches!(phase, Phase::Blank | Phase::Bootstrapping | Phase::Joining) {
+            warnings.push(format!("storage not yet in the cluster ({phase:?})"));
+        }
         StatusReport {
             node: Some(self.id),
             leader: self.raft.leader_hint(),
             term: self.raft.term(),
             applied_index: applied.last_applied.map(|l| l.index).unwrap_or(0),
             members: self.raft.members(),
+            learners: self.raft.learners(),
+            member: self.raft.member(),
+            phase: Some(phase),
+            lease_left_ms,
+            overruns,
+            overruns_total,
+            network: Some(network),
+            warnings,
             sessions,
             keys,
         }
@@ -198,6 +255,8 @@ pub struct NodeBuilder {
     limits: Limits,
     storage: Option<Storage>,
     clock: Arc<dyn WallClock>,
+    clock_rate: f64,
+    fail_stop: bool,
     observer: Option<Arc<dyn Observer>>,
 }
 
@@ -211,6 +270,8 @@ impl Default for NodeBuilder {
             limits: Limits::default(),
             storage: None,
             clock: Arc::new(SystemClock),
+            clock_rate: 1.0,
+            fail_stop: false,
             observer: None,
         }
     }
@@ -303,6 +364,29 @@ impl NodeBuilder {
         self
     }
 
+    /// Exits the process (with [`FAIL_STOP_EXIT_CODE`](crate::FAIL_STOP_EXIT_CODE)) when a
+    /// task is still executing after the lease deadline of its ownership (default: off; the
+    /// overrun is then logged as an error, counted and listed in `status`).
+    ///
+    /// Stopping a task is cooperative: a handler stuck in synchronous code does not yield to
+    /// its abort, and keeps running while another node may already own its key. Exiting is
+    /// the only way to stop such a thread; a watchdog thread does it half a lease margin after
+    /// the deadline, before any other node can have been given the key. Turn it on when your
+    /// handlers call blocking code and a service manager restarts the process.
+    pub fn fail_stop(mut self, on: bool) -> Self {
+        self.fail_stop = on;
+        self
+    }
+
+    /// For simulations: this node's monotonic clock runs at `rate` times real time (default
+    /// 1.0; 0.5 to 2.0). The lease argument assumes clocks run at nearly the same rate — the
+    /// drift over a session TTL stays below the lease margin — and this lets a simulator show
+    /// that the guarantees hold within that bound and break beyond it.
+    pub fn clock_rate(mut self, rate: f64) -> Self {
+        self.clock_rate = rate;
+        self
+    }
+
     /// A hook that sees every task start, stop and delivery (used by the simulator).
     pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
         self.observer = Some(observer);
@@ -330,13 +414,26 @@ impl NodeBuilder {
                 node: id,
             });
         }
+        if let Some(big) = peers.iter().find(|p| p.0 >= membership::JOINED_MEMBER_BASE) {
+            return Err(ConfigError::NodeIdTooLarge(*big));
+        }
+        if !(0.5..=2.0).contains(&self.clock_rate) {
+            return Err(ConfigError::ClockRate(self.clock_rate.to_string()));
+        }
         self.timing.validate()?;
         self.limits.validate()?;
         Ok(Validated { id, peers, transport })
     }
 
-    /// Starts the node: Raft, the transport's server, and the node's loops. It returns at
-    /// once; the node opens its session when a quorum of peers is up (see [`Node::ready`]).
+    /// Starts the node: opens (and locks) its storage, serves the transport, and starts its
+    /// loops. It returns at once; the node opens its session when a quorum of peers is up
+    /// (see [`Node::ready`]).
+    ///
+    /// On empty storage the node first asks its peers where they stand: if none is part of a
+    /// cluster and all answer, they form one together (every node's first start); if one is,
+    /// this node joins it as a new member (a node whose storage was lost or replaced never
+    /// comes back as the Raft member it was). Fails at once if the storage cannot be opened
+    /// (locked by another process, damaged, or another node's).
     pub async fn start(self) -> Result<Node, Error> {
         let Validated { id, peers, transport } = self.validate()?;
         let storage = self.storage.unwrap_or_else(|| Storage::Memory(MemStorage::new()));
@@ -347,10 +444,10 @@ impl NodeBuilder {
         // Strictly larger on every start of this node id, whatever the wall clock does.
         let incarnation = (self.clock.since_epoch().as_micros() as u64).max(1).saturating_add(boot);
         let applied = AppliedState::new();
-        let (raft, disk_lock) =
-            RaftNode::start(id, &self.timing, transport.clone(), storage, applied.clone())
-                .await
-                .map_err(Error::Stopped)?;
+        let opened = store::open(storage, applied.clone()).map_err(Error::Storage)?;
+        let clock = LeaseClock::new(self.clock_rate);
+        let watch = NodeWatch::new(id, self.timing.lease_margin / 2, self.fail_stop);
+        let raft = RaftNode::new(id, self.timing);
         let mut tasks = JoinSet::new();
         let path = WritePath {
             raft: raft.clone(),
@@ -363,6 +460,7 @@ impl NodeBuilder {
         let (leader, keepalives) = LeaderState::new();
         let shared = Arc::new(Shared {
             id,
+            peers: peers.clone(),
             timing: self.timing,
             limits: self.limits,
             raft: raft.clone(),
@@ -371,19 +469,30 @@ impl NodeBuilder {
             proposer,
             leader,
             observer: self.observer,
+            boot: BootState::new(),
+            clock,
+            watch,
             client: Mutex::new(ClientId { node: id, incarnation }),
             lease: watch::channel(Lease::default()).0,
             handlers: Mutex::default(),
-            withdrawing: Mutex::default(),
+            epochs: AtomicU64::new(0),
             stopping: watch::channel(false).0,
             fatal: Mutex::default(),
-            origin: Instant::now(),
+            origin: clock.now(),
             requests: RequestIds::default(),
         });
         transport.serve(Arc::new(Inbound { shared: Arc::downgrade(&shared) }))?;
-        raft.initialize(&peers).await.map_err(Error::Stopped)?;
+        let store::Opened { log, sm, lock: disk_lock, identity, blank, keeper } = opened;
         let (sup_tx, sup_rx) = mpsc::channel(8);
-        tasks.spawn(raft.clone().quiet_when_unheard(self.timing, transport.clone()));
+        tasks.spawn(membership::run(
+            shared.clone(),
+            log,
+            sm,
+            identity,
+            blank,
+            keeper,
+            peers.clone(),
+        ));
         tasks.spawn(leader::confirm_loop(shared.clone(), keepalives));
         tasks.spawn(leader::duties_loop(shared.clone()));
         tasks.spawn(session::run(shared.clone()));
@@ -511,29 +620,34 @@ impl Node {
     /// Withdraws this node from running `key`, leaving the other nodes that registered it to
     /// run it. A task of the key running here is cancelled (and aborted after the stop grace,
     /// at the lease deadline at the latest); only once it has ended is its slot released,
-    /// with the acknowledgements of what it consumed, so the next owner starts after it. Then
-    /// this node's candidacy is removed. Messages still queued stay with the key.
+    /// with its token and the acknowledgements of what it consumed, so the next owner starts
+    /// after it. Then this node's candidacy is withdrawn. Messages still queued stay with the
+    /// key.
     ///
     /// Fails with [`Error::NotRegistered`] if this node has no handler for the key, and with
-    /// [`Error::Timeout`] if the slot was not released within the write timeout (the handler
-    /// is gone all the same: this node runs the key no more and gives back any slot it gets).
+    /// [`Error::Timeout`] if the slot was not released within the write timeout.
+    ///
+    /// Whatever happens to the call — an error, or its future dropped half-way — the handler
+    /// is gone at once: this node runs the key no more, stops a task of it that runs, and
+    /// gives back (with its token) any slot of it that it holds or is given; a candidacy left
+    /// in the cluster is withdrawn by the node in the background. Registering the key again
+    /// is safe at any moment: a withdrawal that lands after the new registration is refused
+    /// by the cluster instead of undoing it.
     pub async fn unregister(&self, key: impl IntoKey) -> Result<(), Error> {
         let key = key.into_key()?;
         self.check_running()?;
-        {
+        let epoch = {
             let mut handlers = self.shared.handlers();
             if handlers.remove(&key).is_none() {
                 return Err(Error::NotRegistered { key });
             }
-            self.shared.withdrawing().insert(key.clone());
-        }
-        // Removed from `withdrawing` however this ends, also if the caller drops the future.
-        let _withdrawing = Withdrawing { shared: &self.shared, key: &key };
-        self.withdraw(&key).await
+            self.shared.next_epoch()
+        };
+        self.withdraw(&key, epoch).await
     }
 
     /// The rest of [`unregister`](Self::unregister), once the handler is gone.
-    async fn withdraw(&self, key: &Key) -> Result<(), Error> {
+    async fn withdraw(&self, key: &Key, epoch: u64) -> Result<(), Error> {
         let key = key.clone();
         // The supervisor now treats the key's slots as ones to hand over.
         let _ = self.control.supervisor.send(SupervisorCommand::Reconcile).await;
@@ -545,14 +659,19 @@ impl Node {
                     "no session: the node has not reached a quorum".into(),
                 ));
             };
-            // Unregister vacates the session's slots of the key outright, so it is written
-            // only when none is held any more: a task that may still run is never cut loose.
+            // The cluster refuses a withdrawal while the session owns a slot of the key: the
+            // slot is released (with its token) once the task has stopped.
             self.wait_released(&key, session, deadline).await?;
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let command = Command::Unregister { session, key: key.clone() };
+            let command = Command::Unregister { session, key: key.clone(), epoch };
             let outcome = self.shared.proposer.write_within(vec![command], remaining).await;
             match outcome.map(|mut o| o.pop()) {
                 Ok(Some(Outcome::Unregistered)) => return Ok(()),
+                // Registered again meanwhile: the newer registration stands.
+                Ok(Some(Outcome::Rejected(Rejection::StaleRegistration))) => return Ok(()),
+                // Given a slot of it again before the withdrawal landed: released once more.
+                Ok(Some(Outcome::Rejected(Rejection::StillOwner))) if Instant::now() < deadline => {
+                }
                 // A new session registers only the handlers it has: the key is not among them.
                 Ok(Some(Outcome::Rejected(Rejection::NoSuchSession))) => {
                     if self.shared.lease().session != Some(session) {
@@ -560,6 +679,7 @@ impl Node {
                     }
                     self.wait_session_change(session).await;
                 }
+                Ok(Some(Outcome::Rejected(Rejection::StillOwner))) => return Err(Error::Timeout),
                 Ok(Some(other)) => return Err(outcome_error(&key, other)),
                 Ok(None) => return Err(Error::Stopped("no outcome".into())),
                 Err(e) => return Err(write_error(e)),
@@ -602,25 +722,24 @@ impl Node {
         run: BoxedHandler,
     ) -> Result<(), Error> {
         self.check_running()?;
-        {
+        let epoch = {
             let mut handlers = self.shared.handlers();
             if handlers.contains_key(&key) {
                 return Err(Error::AlreadyRegistered { key });
             }
-            if self.shared.withdrawing().contains(&key) {
-                return Err(Error::Withdrawing { key });
-            }
             handlers.insert(key.clone(), Arc::new(HandlerEntry { spec, options, run }));
-        }
-        let result = self.register_in_cluster(&key, spec).await;
+            self.shared.next_epoch()
+        };
+        let result = self.register_in_cluster(&key, spec, epoch).await;
         if result.is_err() {
-            // Nothing runs a key this node could not register.
+            // Nothing runs a key this node could not register; a registration that still
+            // lands is withdrawn by the supervisor.
             self.shared.handlers().remove(&key);
         }
         result
     }
 
-    async fn register_in_cluster(&self, key: &Key, spec: KeySpec) -> Result<(), Error> {
+    async fn register_in_cluster(&self, key: &Key, spec: KeySpec, epoch: u64) -> Result<(), Error> {
         let timeout = self.shared.timing.write_timeout;
         let deadline = Instant::now() + timeout;
         loop {
@@ -630,7 +749,7 @@ impl Node {
                 ));
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let command = Command::Register { session, key: key.clone(), spec };
+            let command = Command::Register { session, key: key.clone(), spec, epoch };
             let outcome = self.shared.proposer.write_within(vec![command], remaining).await;
             match outcome.map(|mut o| o.pop()) {
                 Ok(Some(Outcome::Registered)) => return Ok(()),
@@ -723,9 +842,11 @@ impl Node {
     }
 
     /// Leaves the cluster gracefully: stops accepting work, stops every task (waiting at most
-    /// one stop grace), writes their last acknowledgements, closes the session so other nodes
-    /// take the keys over at once, waits (bounded) until they have, then stops Raft and the
-    /// transport.
+    /// one stop grace), releases every slot whose task has ended (with its token and its last
+    /// acknowledgements) and closes the session, so other nodes take the keys over at once,
+    /// waits (bounded) until they have, then stops Raft and the transport. A task that is
+    /// still running after its lease deadline keeps its slot: the session then expires by
+    /// itself after its TTL, and the key moves only then.
     pub async fn shutdown(&self) {
         if self.control.stopped.swap(true, Ordering::AcqRel) {
             return;
@@ -738,7 +859,7 @@ impl Node {
         shared.stopping.send_replace(true);
         let (reply, rx) = oneshot::channel();
         let grace = shared.timing.stop_grace();
-        let acks = if self
+        let releases = if self
             .control
             .supervisor
             .send(SupervisorCommand::StopAll { grace, reply })
@@ -751,7 +872,7 @@ impl Node {
         };
         shared.set_lease(Lease::default());
         if let Some(session) = session {
-            let mut commands = acks;
+            let mut commands = releases;
             commands.push(Command::CloseSession { session });
             // Bounded by what a leader change takes: with no quorum to write to, the session
             // expires by itself and a shutdown should not hang for the whole write timeout.
@@ -871,18 +992,6 @@ impl Node {
     }
 }
 
-/// Marks a key as being withdrawn from for as long as it lives.
-struct Withdrawing<'a> {
-    shared: &'a Shared,
-    key: &'a Key,
-}
-
-impl Drop for Withdrawing<'_> {
-    fn drop(&mut self) {
-        self.shared.withdrawing().remove(self.key);
-    }
-}
-
 fn outcome_error(key: &Key, outcome: Outcome) -> Error {
     match outcome {
         Outcome::Rejected(Rejection::NoSuchKey) => Error::NoSuchKey { key: key.clone() },
@@ -919,7 +1028,7 @@ impl RequestHandler for Inbound {
                 return Response::Refused("node stopped".into());
             };
             match request {
-                Request::Raft(message) => shared.raft.serve(message).await,
+                Request::Raft { to, message } => shared.raft.serve(to, message).await,
                 Request::Write(commands) => {
                     if shared.is_stopping() {
                         return Response::Refused("node is shutting down".into());
@@ -939,11 +1048,14 @@ impl RequestHandler for Inbound {
                     })
                 }
                 Request::KeepAlive { session, lapsed_ms } => {
-                    let _ = from;
-                    Response::KeepAlive(leader::keepalive(&shared, session, lapsed_ms).await)
+                    Response::KeepAlive(leader::keepalive(&shared, from, session, lapsed_ms).await)
                 }
                 Request::Status => Response::Status(Box::new(shared.status())),
                 Request::Ping => Response::Pong,
+                Request::Hello => Response::Hello(membership::hello(&shared)),
+                Request::Membership(request) => {
+                    Response::Membership(membership::serve(&shared, from, request).await)
+                }
             }
         })
     }

@@ -1,10 +1,19 @@
 //! The node's session keeper: opens a session through the leader, registers the node's
 //! handlers under it, and keeps it alive.
 //!
-//! The lease is measured from when a keepalive was *sent*: a renewed keepalive sent at
-//! `t_send` lets the node act until `t_send + ttl − margin`, while the leader, which heard it
-//! later, expires the session no earlier than `ttl + margin` after hearing it.
+//! The lease is measured on the node's own clock from when a keepalive was *sent*: a renewed
+//! keepalive sent at `t_send` lets the node act until `t_send + ttl − margin`, while the
+//! leader, which heard it later, expires the session no earlier than `ttl + margin` after
+//! hearing it.
+//!
+//! **A lapse is final.** Once the deadline has passed, the node takes no renewal for that
+//! session any more — not even a late answer to a keepalive sent before the lapse — and says
+//! in every later keepalive how long it has been lapsed. So a lapsed node can never act for
+//! that session again, and a leader that hears such a report may expire the session at once
+//! instead of waiting out its TTL: failover stays bounded by about the TTL even when the
+//! node's keepalives reach the leader but the answers never come back.
 
+use crate::error::Error;
 use crate::leader;
 use crate::node::Shared;
 use crate::proposer::WriteError;
@@ -15,14 +24,14 @@ use highlander_core::{
 };
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 /// Runs until the node stops: open, register, keep alive; open again when the session ends.
 pub(crate) async fn run(shared: Arc<Shared>) {
+    let Some(storage) = wait_for_member(&shared).await else { return };
     let mut attempt: u32 = 0;
     loop {
-        let Some(session) = open(&shared, &mut attempt).await else { return };
+        let Some(session) = open(&shared, &mut attempt, storage).await else { return };
         shared.set_lease(Lease { session: Some(session), deadline: None });
         register_all(&shared, session).await;
         keep_alive(&shared, session).await;
@@ -37,6 +46,21 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     }
 }
 
+/// Waits until Raft runs, and returns the storage's member id (what sessions name as their
+/// storage). `None` if the node stops first.
+async fn wait_for_member(shared: &Shared) -> Option<u64> {
+    let mut metrics = shared.raft.leadership();
+    loop {
+        if let Some(member) = shared.raft.member() {
+            return Some(member);
+        }
+        tokio::select! {
+            _ = shared.stopping() => return None,
+            changed = metrics.changed() => if changed.is_err() { return None },
+        }
+    }
+}
+
 /// The lease terms this node asks for.
 pub(crate) fn lease_terms(shared: &Shared) -> LeaseTerms {
     LeaseTerms {
@@ -45,8 +69,9 @@ pub(crate) fn lease_terms(shared: &Shared) -> LeaseTerms {
     }
 }
 
-async fn open(shared: &Arc<Shared>, attempt: &mut u32) -> Option<SessionId> {
+async fn open(shared: &Arc<Shared>, attempt: &mut u32, storage: u64) -> Option<SessionId> {
     let pause = shared.timing.heartbeat * 2;
+    let mut waiting_logged = false;
     loop {
         if shared.is_stopping() {
             return None;
@@ -57,15 +82,37 @@ async fn open(shared: &Arc<Shared>, attempt: &mut u32) -> Option<SessionId> {
             attempt: *attempt,
             lease: lease_terms(shared),
             limits: shared.limits,
+            storage,
         };
         match shared.proposer.write_one(command).await {
             Ok(Outcome::SessionOpened { session }) => {
                 info!(node = %shared.id, %session, incarnation = client.incarnation, attempt = *attempt, "session opened");
                 return Some(session);
             }
-            Ok(Outcome::Rejected(Rejection::StaleIncarnation { current, attempt: known })) => {
+            Ok(Outcome::WaitingForPrevious { session }) => {
+                if !waiting_logged {
+                    warn!(node = %shared.id, previous = %session, "an earlier process of this node, on other storage, still has a live session: waiting until it expires (at most its TTL and margin once it is silent)");
+                    waiting_logged = true;
+                }
+            }
+            Ok(Outcome::Rejected(Rejection::StaleIncarnation {
+                current,
+                attempt: known,
+                storage: theirs,
+            })) => {
+                if theirs != storage {
+                    // Another process runs as this node, on other storage, and is newer.
+                    let e = Error::Superseded(format!(
+                        "node {} was started again on other storage (member {theirs:#x}); this \
+                         process (member {storage:#x}) stops",
+                        shared.id.0
+                    ));
+                    warn!(node = %shared.id, error = %e, "stopping");
+                    shared.set_fatal(e);
+                    return None;
+                }
                 if current >= client.incarnation {
-                    // The cluster knows a newer start of this node id than ours (a clock that
+                    // The cluster knows a newer start of this storage than ours (a clock that
                     // went back, or the same instant): start above it.
                     let next = current.saturating_add(1).max(client.incarnation.saturating_add(1));
                     warn!(node = %shared.id, ours = client.incarnation, cluster = current, "incarnation behind the cluster's; moving to {next}");
@@ -89,24 +136,34 @@ async fn open(shared: &Arc<Shared>, attempt: &mut u32) -> Option<SessionId> {
                 debug!(node = %shared.id, "no quorum yet to open a session")
             }
         }
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            _ = shared.stopping() => return None,
+            _ = tokio::time::sleep(pause) => {}
+        }
     }
 }
 
 /// Registers every local handler under the new session.
 async fn register_all(shared: &Arc<Shared>, session: SessionId) {
-    let keys: Vec<(highlander_core::Key, KeySpec)> =
-        shared.handlers().iter().map(|(k, h)| (k.clone(), h.spec)).collect();
+    let keys: Vec<(highlander_core::Key, KeySpec, u64)> = {
+        let handlers = shared.handlers();
+        handlers.iter().map(|(k, h)| (k.clone(), h.spec, shared.next_epoch())).collect()
+    };
     if keys.is_empty() {
         return;
     }
     let commands = keys
         .iter()
-        .map(|(key, spec)| Command::Register { session, key: key.clone(), spec: *spec })
+        .map(|(key, spec, epoch)| Command::Register {
+            session,
+            key: key.clone(),
+            spec: *spec,
+            epoch: *epoch,
+        })
         .collect();
     match shared.proposer.write(commands).await {
         Ok(outcomes) => {
-            for ((key, _), o) in keys.iter().zip(outcomes) {
+            for ((key, _, _), o) in keys.iter().zip(outcomes) {
                 if o != Outcome::Registered {
                     warn!(node = %shared.id, %key, outcome = %o, "registration refused");
                 }
@@ -121,39 +178,54 @@ async fn register_all(shared: &Arc<Shared>, session: SessionId) {
 /// Sends keepalives until the session ends or the node stops.
 async fn keep_alive(shared: &Arc<Shared>, session: SessionId) {
     let timing = shared.timing;
+    let clock = shared.clock;
     let ttl = timing.session_ttl;
-    let rpc_timeout = (timing.keepalive_interval / 2).max(timing.heartbeat * 3);
+    let rpc_timeout = timing.keepalive_rpc_timeout();
     let retry = timing.heartbeat;
     let mut redirect: Option<NodeId> = None;
-    let mut next = Instant::now();
+    let mut next = clock.now();
     // With no leader known, ask the peers in turn: a node that hears nobody (a one-way cut)
     // may still reach the leader, which must learn how long this node's lease has lapsed.
-    let peers: Vec<NodeId> =
-        shared.raft.members().into_iter().filter(|p| *p != shared.id).collect();
+    let peers: Vec<NodeId> = shared.peers.iter().copied().filter(|p| *p != shared.id).collect();
     let mut turn = 0usize;
+    let mut lapse_logged = false;
     loop {
         tokio::select! {
             biased;
             _ = shared.stopping() => return,
-            _ = tokio::time::sleep_until(next) => {}
+            _ = clock.sleep_until(next) => {}
         }
-        let t_send = Instant::now();
+        let t_send = clock.now();
         let deadline = shared.lease().deadline;
         let lapsed_ms = match deadline {
-            Some(d) if d <= t_send => (t_send - d).as_millis() as u64,
+            Some(d) if d <= t_send => ((t_send - d).as_millis() as u64).max(1),
             _ => 0,
         };
+        if lapsed_ms > 0 && !lapse_logged {
+            warn!(node = %shared.id, %session, "lease lapsed: this session's tasks are stopped for good; the leader will expire it");
+            lapse_logged = true;
+        }
         let target = redirect.take().or_else(|| shared.raft.leader_hint()).or_else(|| {
             turn = turn.wrapping_add(1);
             peers.get(turn % peers.len().max(1)).copied()
         });
+        let sent = tokio::time::Instant::now();
         let reply = match target {
             None => KeepAliveReply::Unconfirmed,
-            Some(t) if t == shared.id => leader::keepalive(shared, session, lapsed_ms).await,
+            Some(t) if t == shared.id => {
+                leader::keepalive(shared, shared.id, session, lapsed_ms).await
+            }
             Some(t) => {
                 let request = Request::KeepAlive { session, lapsed_ms };
                 match shared.transport.request(t, request, rpc_timeout).await {
-                    Ok(Response::KeepAlive(r)) => r,
+                    Ok(Response::KeepAlive(r)) => {
+                        shared.raft.peer_health().round_trip(sent.elapsed());
+                        r
+                    }
+                    Err(highlander_core::TransportError::Timeout) => {
+                        shared.raft.peer_health().timed_out();
+                        KeepAliveReply::Unconfirmed
+                    }
                     Ok(_) | Err(_) => KeepAliveReply::Unconfirmed,
                 }
             }
@@ -162,7 +234,12 @@ async fn keep_alive(shared: &Arc<Shared>, session: SessionId) {
             KeepAliveReply::Renewed => {
                 let until = t_send + ttl - timing.lease_margin;
                 let lease = shared.lease();
-                if lease.session == Some(session) && lease.deadline.is_none_or(|d| d < until) {
+                // Never after a lapse (final), never backwards.
+                let lapsed = lease.deadline.is_some_and(|d| d <= clock.now());
+                if lease.session == Some(session)
+                    && !lapsed
+                    && lease.deadline.is_none_or(|d| d < until)
+                {
                     shared.set_lease(Lease { session: Some(session), deadline: Some(until) });
                 }
                 next = t_send + timing.keepalive_interval;
@@ -173,10 +250,10 @@ async fn keep_alive(shared: &Arc<Shared>, session: SessionId) {
             }
             KeepAliveReply::NotLeader { leader: Some(l) } if Some(l) != target => {
                 redirect = Some(l);
-                next = Instant::now();
+                next = clock.now();
             }
             KeepAliveReply::NotLeader { .. } | KeepAliveReply::Unconfirmed => {
-                next = Instant::now() + retry;
+                next = clock.now() + retry;
             }
         }
         // The leader answered on a session that is no longer ours (a newer one was opened).

@@ -4,11 +4,19 @@
 //! A task is asked to stop (cancelled) when its slot is no longer this node's in the applied
 //! state, or one stop grace before the lease deadline; it is aborted when the grace ends and
 //! at the lease deadline at the latest. The leader gives the slot to another node no earlier
-//! than `2 × margin` after that deadline, so the old task has stopped before the new one runs.
+//! than `2 × margin` after that deadline, so the old task has stopped before the new one runs
+//! — if it yields to the abort; the watchdog reports (or, with fail-stop, ends the process
+//! for) a task that does not.
+//!
+//! A slot is given up only with its token (`Release`), and only once its task has ended; a
+//! registration this node no longer has a handler for (a dropped `unregister`, a `register`
+//! that timed out and landed late) is withdrawn here, once no slot of the key is held.
+//! All times are on the node's lease clock.
 
 use crate::node::{HandlerEntry, Shared};
 use crate::proposer::WriteError;
 use crate::task::{Lease, RestartPolicy, TaskContext, TaskProgress};
+use crate::watchdog::Watched;
 use highlander_core::{Command, Key, Message, Outcome, Seq, Token};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -26,8 +34,10 @@ const ACK_DELAY: Duration = Duration::from_millis(2);
 
 /// Requests from the node's API to the supervisor.
 pub(crate) enum SupervisorCommand {
-    /// Stop every task (cancel, then abort after `grace`), run no more, and answer with the
-    /// acknowledgements still to be written.
+    /// Stop every task (cancel, then abort after `grace`), run no more, and answer with what
+    /// to write before the session closes: the acknowledgements still to be written and a
+    /// `Release` (with its token) for every slot whose task has ended. A task still running
+    /// after its lease deadline keeps its slot.
     StopAll { grace: Duration, reply: oneshot::Sender<Vec<Command>> },
     /// The node's handlers changed: look again at what should run.
     Reconcile,
@@ -79,6 +89,8 @@ struct Supervisor {
     given_up: BTreeSet<Token>,
     /// Releases being written, so they are not written twice at once.
     releasing: Arc<std::sync::Mutex<BTreeSet<Token>>>,
+    /// Withdrawals of registrations without a handler being written.
+    withdrawing: Arc<std::sync::Mutex<BTreeSet<Key>>>,
     acker: Arc<Notify>,
     stopped: bool,
     /// Acknowledgements of tasks stopped by `stop_all`, for the final write.
@@ -96,6 +108,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut commands: mpsc::Receiver<Superv
         backoff: BTreeMap::new(),
         given_up: BTreeSet::new(),
         releasing: Arc::default(),
+        withdrawing: Arc::default(),
         acker: acker.clone(),
         stopped: false,
         final_acks: Vec::new(),
@@ -103,6 +116,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut commands: mpsc::Receiver<Superv
     let mut applied = shared.applied.subscribe();
     let mut lease = shared.lease_watch();
     let mut ack_timer: Option<Instant> = None;
+    let clock = shared.clock;
     loop {
         s.reconcile();
         let wake = s.next_wake(*lease.borrow());
@@ -128,14 +142,14 @@ pub(crate) async fn run(shared: Arc<Shared>, mut commands: mpsc::Receiver<Superv
                 ack_timer = None;
                 s.flush_acks();
             }
-            _ = sleep_until_opt(wake) => {}
+            _ = sleep_until_opt(clock, wake) => {}
         }
     }
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
+async fn sleep_until_opt(clock: crate::clock::LeaseClock, at: Option<Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+        Some(at) => clock.sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
@@ -176,7 +190,7 @@ impl Supervisor {
     }
 
     fn reconcile(&mut self) {
-        let now = Instant::now();
+        let now = self.shared.clock.now();
         let lease = self.shared.lease();
         // One copy of the handlers for this pass: what runs and what is handed over agree.
         let handlers = self.shared.handlers().clone();
@@ -271,6 +285,8 @@ impl Supervisor {
             }
         }
 
+        self.withdraw_orphans(&lease, &handlers);
+
         // Forget given-up tokens the state no longer shows as ours.
         if !self.given_up.is_empty() {
             let applied = self.shared.applied.read();
@@ -290,10 +306,52 @@ impl Supervisor {
         }
     }
 
+    /// Withdraws the session's registrations of keys this node has no handler for and holds
+    /// no slot of: left behind by an `unregister` whose caller gave up, or by a `register`
+    /// that timed out and landed anyway. Otherwise the leader would keep handing this node
+    /// slots it can only give back.
+    fn withdraw_orphans(&self, lease: &Lease, handlers: &BTreeMap<Key, Arc<HandlerEntry>>) {
+        if self.stopped || self.shared.is_stopping() {
+            return;
+        }
+        let Some(session) = lease.session else { return };
+        let orphans: Vec<(Key, u64)> = {
+            let applied = self.shared.applied.read();
+            let Some(s) = applied.state.sessions.get(&session) else { return };
+            s.keys
+                .iter()
+                .filter(|(k, _)| !handlers.contains_key(*k))
+                .filter(|(k, _)| !s.owned.iter().any(|(owned, _)| owned == *k))
+                .map(|(k, epoch)| (k.clone(), *epoch))
+                .collect()
+        };
+        for (key, epoch) in orphans {
+            if !self.withdrawing.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone()) {
+                continue;
+            }
+            let shared = self.shared.clone();
+            let withdrawing = self.withdrawing.clone();
+            tokio::spawn(async move {
+                // Covers the registration in force only: a newer one (the key registered
+                // again meanwhile) makes the cluster refuse it.
+                let command = Command::Unregister { session, key: key.clone(), epoch };
+                match shared.proposer.write(vec![command]).await {
+                    Ok(outcomes) => {
+                        debug!(node = %shared.id, %key, outcome = ?outcomes.first(), "withdrew a registration without a handler")
+                    }
+                    Err(e) => {
+                        debug!(node = %shared.id, %key, error = ?e, "withdrawal failed; will retry")
+                    }
+                }
+                withdrawing.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            });
+        }
+    }
+
     fn next_wake(&self, lease: Lease) -> Option<Instant> {
         let grace = self.shared.timing.stop_grace();
         let mut wake: Option<Instant> = None;
-        let now = Instant::now();
+        let now = self.shared.clock.now();
         let mut at = |t: Instant| {
             if t > now {
                 wake = Some(wake.map_or(t, |w| w.min(t)));
@@ -321,7 +379,7 @@ impl Supervisor {
         }
         // Only future instants: anything already due was handled by `reconcile`, and a past
         // instant here would spin the loop (and freeze a paused clock).
-        wake.filter(|w| *w > Instant::now())
+        wake.filter(|w| *w > self.shared.clock.now())
     }
 
     fn start(&mut self, slot_id: SlotId, token: Token, handler: Arc<HandlerEntry>, lease: &Lease) {
@@ -329,7 +387,8 @@ impl Supervisor {
         let Some(session) = lease.session else { return };
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let (inbox_tx, inbox_rx) = mpsc::channel(handler.options.inbox_capacity.max(1));
-        let progress = Arc::new(TaskProgress::new(Instant::now(), self.acker.clone()));
+        let now = shared.clock.now();
+        let progress = Arc::new(TaskProgress::new(now, self.acker.clone()));
         let ctx = TaskContext {
             node: shared.id,
             key: slot_id.0.clone(),
@@ -342,13 +401,15 @@ impl Supervisor {
             progress: progress.clone(),
             observer: shared.observer.clone(),
             last_taken: None,
+            clock: shared.clock,
         };
         let span = info_span!("task", node = %shared.id, key = %slot_id.0, slot = slot_id.1, token = %token);
         info!(parent: &span, "starting task");
         if let Some(o) = &shared.observer {
             o.task_started(shared.id, &slot_id.0, slot_id.1, token);
         }
-        let fut = (handler.run)(ctx);
+        let watch = shared.watch.task(slot_id.0.clone(), slot_id.1, token);
+        let fut = Watched::new((handler.run)(ctx), watch);
         let abort = self.tasks.spawn(fut.instrument(span.clone()));
         self.by_id.insert(abort.id(), slot_id.clone());
         let delivery = (slot_id.1 == 0).then(|| {
@@ -366,7 +427,7 @@ impl Supervisor {
                 _inbox: inbox_tx,
                 delivery,
                 progress,
-                started: Instant::now(),
+                started: now,
                 stopping: None,
             },
         );
@@ -416,16 +477,15 @@ impl Supervisor {
                     return;
                 };
                 let key = (slot_id.clone(), r.token);
-                let ran = r.started.elapsed();
+                let now = shared.clock.now();
+                let ran = now.saturating_duration_since(r.started);
                 let delay = match self.backoff.get(&key) {
                     Some(b) if ran < max => b.next,
                     _ => min,
                 };
                 info!(node = %shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, backoff_ms = delay.as_millis() as u64, "restarting in place");
-                self.backoff.insert(
-                    key,
-                    Backoff { until: Instant::now() + delay, next: (delay * 2).min(max) },
-                );
+                self.backoff
+                    .insert(key, Backoff { until: now + delay, next: (delay * 2).min(max) });
             }
             AfterStop::Release { hand_over } => {
                 self.given_up.insert(r.token);
@@ -513,8 +573,11 @@ impl Supervisor {
         });
     }
 
-    /// Cancels every task, waits up to `grace`, aborts the rest, and returns the
-    /// acknowledgements not yet written. No task runs afterwards.
+    /// Cancels every task, waits up to `grace`, aborts the rest, and returns what to write
+    /// before the session closes: the acknowledgements not yet written, and a `Release` with
+    /// its token for every owned slot whose task has ended (or never ran). No task is started
+    /// afterwards. A task that has not ended a slack after the lease deadline (it does not
+    /// yield to its abort) is left to the watchdog, and its slot is not released.
     async fn stop_all(&mut self, grace: Duration) -> Vec<Command> {
         self.stopped = true;
         for r in self.running.values() {
@@ -523,14 +586,19 @@ impl Supervisor {
         // The grace never runs past the lease deadline, nor past an abort already scheduled:
         // a node cut off from the cluster may be shut down just before its lease lapses, and
         // the leader may give its slots away right after that deadline.
-        let now = Instant::now();
-        let lease_end = self.shared.lease().deadline.unwrap_or(now);
-        let deadline = self
+        let clock = self.shared.clock;
+        let now = clock.now();
+        let lease = self.shared.lease();
+        let lease_end = lease.deadline.unwrap_or(now);
+        let abort_at = self
             .running
             .values()
             .filter_map(|r| r.stopping.as_ref().map(|st| st.abort_at))
             .fold((now + grace).min(lease_end), Instant::min);
+        let give_up_at = abort_at.max(lease_end) + self.shared.timing.lease_margin / 2;
+        let mut aborted = false;
         while !self.running.is_empty() {
+            let next = if aborted { give_up_at } else { abort_at };
             tokio::select! {
                 Some(done) = self.tasks.join_next_with_id() => {
                     // Capture the ack before the entry disappears.
@@ -544,14 +612,39 @@ impl Supervisor {
                         self.final_acks.push(a);
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = clock.sleep_until(next) => {
+                    if aborted {
+                        for (slot_id, r) in &self.running {
+                            error!(node = %self.shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, "task did not stop at its lease deadline; its slot is left to expire");
+                        }
+                        break;
+                    }
                     for r in self.running.values() {
                         r.abort.abort();
                     }
+                    aborted = true;
                 }
             }
         }
-        std::mem::take(&mut self.final_acks)
+        let mut commands = std::mem::take(&mut self.final_acks);
+        let Some(session) = lease.session else { return commands };
+        let applied = self.shared.applied.read();
+        if let Some(s) = applied.state.sessions.get(&session) {
+            for (key, slot) in &s.owned {
+                let still_running = self.running.contains_key(&(key.clone(), *slot));
+                if let Some(owner) = applied.state.owner(key, *slot)
+                    && !still_running
+                {
+                    commands.push(Command::Release {
+                        key: key.clone(),
+                        slot: *slot,
+                        token: owner.token,
+                        hand_over: true,
+                    });
+                }
+            }
+        }
+        commands
     }
 }
 

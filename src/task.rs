@@ -1,5 +1,6 @@
 //! What a task sees: its [`TaskContext`], and the options that say how it is run.
 
+use crate::clock::LeaseClock;
 use crate::observer::Observer;
 use highlander_core::{Key, Message, NodeId, Seq, SessionId, Token};
 use std::fmt::Display;
@@ -147,6 +148,7 @@ pub struct TaskContext {
     pub(crate) progress: Arc<TaskProgress>,
     pub(crate) observer: Option<Arc<dyn Observer>>,
     pub(crate) last_taken: Option<Seq>,
+    pub(crate) clock: LeaseClock,
 }
 
 impl TaskContext {
@@ -185,52 +187,80 @@ impl TaskContext {
     }
 
     /// Whether the node still holds a valid lease for this ownership and the task has not
-    /// been asked to stop. Cheap: reads local state only.
+    /// been asked to stop. Cheap: reads local state only (the lease deadline on the node's
+    /// own monotonic clock), so call it right before a side effect.
     pub fn still_owner(&self) -> bool {
-        !self.is_cancelled() && self.lease.borrow().valid_at(self.session, Instant::now())
+        !self.is_cancelled() && self.lease.borrow().valid_at(self.session, self.clock.now())
     }
 
     /// The next message for this key, in sequence order; `None` once the task is asked to
-    /// stop. Calling it acknowledges the message returned by the previous call.
+    /// stop or its lease has passed. Calling it acknowledges the message returned by the
+    /// previous call (if the lease still holds).
+    ///
+    /// Nothing is handed over after the lease deadline, whatever the state of the task: a
+    /// process resumed after a pause longer than its lease gets `None` here before the
+    /// supervisor has had a chance to cancel it, even if messages wait in its inbox.
     ///
     /// Messages are delivered at least once: a message taken but not acknowledged when the
     /// owner fails is delivered again to the next owner. Only slot 0 of a key receives
     /// messages; other slots wait here until cancelled.
     pub async fn recv(&mut self) -> Option<Message> {
         if let Some(prev) = self.last_taken {
-            self.progress.ack(prev);
+            self.ack_upto(prev);
         }
-        if self.is_cancelled() {
-            return None;
-        }
-        let message = tokio::select! {
-            biased;
-            _ = wait_cancelled(&mut self.cancel) => None,
-            m = self.inbox.recv() => m,
-        };
-        if let Some(m) = &message {
-            // A message is handed over only while the task may still act as the owner.
-            if self.is_cancelled() {
+        loop {
+            if !self.still_owner() {
                 return None;
             }
-            self.last_taken = Some(m.seq);
-            if let Some(o) = &self.observer {
-                o.message_delivered(self.node, &self.key, self.token, m.seq, &m.payload);
+            let deadline = self.lease.borrow_and_update().deadline?;
+            let clock = self.clock;
+            let message = tokio::select! {
+                biased;
+                _ = wait_cancelled(&mut self.cancel) => return None,
+                _ = clock.sleep_until(deadline) => return None,
+                changed = self.lease.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                    continue;
+                }
+                m = self.inbox.recv() => m?,
+            };
+            // A message is handed over only while the task may still act as the owner.
+            if !self.still_owner() {
+                return None;
             }
+            self.last_taken = Some(message.seq);
+            if let Some(o) = &self.observer {
+                o.message_delivered(
+                    self.node,
+                    &self.key,
+                    self.token,
+                    message.seq,
+                    &message.payload,
+                );
+            }
+            return Some(message);
         }
-        message
     }
 
-    /// Acknowledges every message returned by [`recv`](Self::recv) so far.
+    /// Acknowledges every message returned by [`recv`](Self::recv) so far, if the lease still
+    /// holds: past it, the messages are delivered again to the next owner.
     pub fn ack(&self) {
         if let Some(seq) = self.last_taken {
+            self.ack_upto(seq);
+        }
+    }
+
+    fn ack_upto(&self, seq: Seq) {
+        if self.still_owner() {
             self.progress.ack(seq);
         }
     }
 
     /// Reports the task healthy, for [`TaskOptions::health_deadline`].
     pub fn heartbeat(&self) {
-        *self.progress.last_beat.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        *self.progress.last_beat.lock().unwrap_or_else(|e| e.into_inner()) = self.clock.now();
     }
 }
 

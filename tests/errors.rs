@@ -3,7 +3,7 @@
 mod common;
 
 use common::init_tracing;
-use highlander::{ConfigError, Error, KeyError, Limits, Node, NodeId, Timing};
+use highlander::{ConfigError, Error, KeyError, Limits, MemStorage, Node, NodeId, Timing};
 use highlander_sim::{SimCluster, SimNetwork};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -204,23 +204,32 @@ async fn a_node_with_different_limits_cannot_join() {
     init_tracing();
     let net = SimNetwork::new(2);
     let peers = [1u64, 2, 3];
+    let disks: Vec<MemStorage> = (0..3).map(|_| MemStorage::new()).collect();
     let start = |id: u64, limits: Limits| {
         let net = net.clone();
+        let disk = disks[id as usize - 1].clone();
         async move {
             Node::builder()
                 .id(id)
                 .peers(peers)
                 .transport(net.transport(NodeId(id)))
                 .limits(limits)
+                .storage(disk)
                 .start()
                 .await
                 .unwrap()
         }
     };
-    // The first session adopts the cluster's limits: let the two agreeing nodes open theirs.
-    let mut nodes = vec![start(1, Limits::default()).await, start(2, Limits::default()).await];
-    nodes[0].ready(Duration::from_secs(30)).await.unwrap();
-    nodes[1].ready(Duration::from_secs(30)).await.unwrap();
+    // The first session adopts the cluster's limits: form the cluster with agreeing nodes.
+    let mut nodes = Vec::new();
+    for id in peers {
+        nodes.push(start(id, Limits::default()).await);
+    }
+    for n in &nodes {
+        n.ready(Duration::from_secs(30)).await.unwrap();
+    }
+    // Node 3 comes back (same storage) configured with other limits.
+    nodes.pop().unwrap().shutdown().await;
     nodes.push(start(3, tight_limits()).await);
     match nodes[2].ready(Duration::from_secs(30)).await {
         Err(Error::Config(ConfigError::LimitsMismatch { cluster })) => {

@@ -1,8 +1,9 @@
 //! openraft's network, carried over the node's [`Transport`]: each Raft RPC is encoded with
 //! the one codec and sent as a [`Request::Raft`] frame.
 
-use super::TypeConfig;
 use super::transfer::{CHUNK_BYTES, ChunkReply, chunk_at};
+use super::{Member, PeerHealth, TypeConfig};
+use crate::config::Timing;
 use highlander_core::wire::{RaftMessage, Request, Response};
 use highlander_core::{NodeId, Payload, Transport, TransportError, codec};
 use openraft::error::{
@@ -13,14 +14,14 @@ use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetwork, RaftNetworkFa
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::{EmptyNode, Snapshot, Vote};
+use openraft::{Snapshot, Vote};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-type RpcResult<T> = Result<T, RPCError<u64, EmptyNode, RaftError<u64>>>;
+type RpcResult<T> = Result<T, RPCError<u64, Member, RaftError<u64>>>;
 
 /// An AppendEntries larger than this is split by openraft (we answer `PayloadTooLarge`).
 const APPEND_BUDGET_BYTES: usize = codec::MAX_FRAME_BYTES / 2;
@@ -33,42 +34,48 @@ const SNAPSHOT_MIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// is given up on after this, not after the install's long timeout.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Creates a [`Peer`] per target, lazily: nothing is dialed here.
+/// Creates a [`Peer`] per target member, lazily: nothing is dialed here.
 pub(crate) struct Network {
     transport: Arc<dyn Transport>,
     backoff: Duration,
     heard: Arc<super::Heard>,
+    health: Arc<PeerHealth>,
 }
 
 impl Network {
     pub(crate) fn new(
         transport: Arc<dyn Transport>,
-        heartbeat: Duration,
+        timing: &Timing,
         heard: Arc<super::Heard>,
+        health: Arc<PeerHealth>,
     ) -> Network {
-        Network { transport, backoff: heartbeat, heard }
+        Network { transport, backoff: timing.heartbeat, heard, health }
     }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
-    async fn new_client(&mut self, target: u64, _node: &EmptyNode) -> Peer {
+    async fn new_client(&mut self, target: u64, node: &Member) -> Peer {
         Peer {
             transport: self.transport.clone(),
-            target: NodeId(target),
+            node: NodeId(node.node),
+            member: target,
             backoff: self.backoff,
             heard: self.heard.clone(),
+            health: self.health.clone(),
         }
     }
 }
 
-/// openraft's connection to one peer.
+/// openraft's connection to one member: messages go to its node, addressed to the member.
 pub(crate) struct Peer {
     transport: Arc<dyn Transport>,
-    target: NodeId,
+    node: NodeId,
+    member: u64,
     backoff: Duration,
     heard: Arc<super::Heard>,
+    health: Arc<PeerHealth>,
 }
 
 impl Peer {
@@ -79,22 +86,38 @@ impl Peer {
         timeout: Duration,
     ) -> Result<Resp, CallError> {
         let from = self.transport.local_id().0;
-        let response = self.transport.request(self.target, Request::Raft(message), timeout).await;
-        if response.is_ok() {
-            self.heard.now();
+        let sent = tokio::time::Instant::now();
+        let request = Request::Raft { to: self.member, message };
+        let response = self.transport.request(self.node, request, timeout).await;
+        match &response {
+            Ok(Response::Raft(_)) => {
+                self.heard.now();
+                self.health.answered(self.member);
+                if action != RPCTypes::InstallSnapshot {
+                    self.health.round_trip(sent.elapsed());
+                }
+            }
+            Ok(_) => self.heard.now(),
+            Err(TransportError::Timeout) => self.health.timed_out(),
+            Err(_) => {}
         }
         match response {
             Ok(Response::Raft(body)) => codec::decode::<Resp>(body.as_bytes())
                 .map_err(|e| CallError::Network(NetworkError::new(&TransportError::Codec(e)))),
+            // The node runs other storage now: the member this is for is gone. Unreachable, so
+            // openraft backs off instead of retrying at once.
+            Ok(Response::WrongMember { current }) => {
+                Err(CallError::Unreachable(Unreachable::new(&std::io::Error::other(format!(
+                    "{} runs member {current:?}, not member {}",
+                    self.node, self.member
+                )))))
+            }
             Ok(other) => Err(CallError::Network(NetworkError::new(&std::io::Error::other(
                 format!("unexpected response to a Raft request: {}", response_kind(&other)),
             )))),
-            Err(TransportError::Timeout) => Err(CallError::Timeout(Timeout {
-                action,
-                id: from,
-                target: self.target.0,
-                timeout,
-            })),
+            Err(TransportError::Timeout) => {
+                Err(CallError::Timeout(Timeout { action, id: from, target: self.member, timeout }))
+            }
             // A peer that cannot be reached fails fast; openraft retries `Network` errors at
             // once, so these must be `Unreachable`, which waits out `backoff()` first.
             Err(
@@ -115,6 +138,9 @@ pub(crate) fn response_kind(r: &Response) -> &'static str {
         Response::Status(_) => "status",
         Response::Refused(_) => "refused",
         Response::Pong => "pong",
+        Response::WrongMember { .. } => "wrong-member",
+        Response::Hello(_) => "hello",
+        Response::Membership(_) => "membership",
     }
 }
 
@@ -124,7 +150,7 @@ enum CallError {
     Network(NetworkError),
 }
 
-impl<E: std::error::Error> From<CallError> for RPCError<u64, EmptyNode, E> {
+impl<E: std::error::Error> From<CallError> for RPCError<u64, Member, E> {
     fn from(e: CallError) -> Self {
         match e {
             CallError::Timeout(t) => RPCError::Timeout(t),
@@ -152,7 +178,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         let result: Result<AppendEntriesResponse<u64>, RaftError<u64>> = self
             .call(RaftMessage::AppendEntries(body), RPCTypes::AppendEntries, option.hard_ttl())
             .await?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target.0, e)))
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.member, e)))
     }
 
     async fn vote(
@@ -163,7 +189,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         let body = encode(&rpc)?;
         let result: Result<VoteResponse<u64>, RaftError<u64>> =
             self.call(RaftMessage::Vote(body), RPCTypes::Vote, option.hard_ttl()).await?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target.0, e)))
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.member, e)))
     }
 
     async fn full_snapshot(

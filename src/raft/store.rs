@@ -8,15 +8,15 @@
 // openraft's `StorageError` is large; it is the trait's error type, so it is returned as is.
 #![allow(clippy::result_large_err)]
 
-use super::{LogId, TypeConfig};
+use super::{LogId, Member, TypeConfig};
 use highlander_core::{ClusterState, Outcome, codec};
 use highlander_wal::{
-    Fs, IoMode, LockWatch, RealFs, SealedSnapshot, SnapshotStore, SnapshotWriter,
+    Fs, Identity, IoMode, LockWatch, RealFs, SealedSnapshot, SnapshotStore, SnapshotWriter,
 };
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    EmptyNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, RaftLogReader, RaftSnapshotBuilder,
-    SnapshotMeta, StorageError, StoredMembership, Vote,
+    Entry, EntryPayload, ErrorSubject, ErrorVerb, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StoredMembership, Vote,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -82,11 +82,12 @@ struct Disk {
     log: BTreeMap<u64, Entry<TypeConfig>>,
     snapshot: Option<StoredSnapshot>,
     boots: u64,
+    identity: Option<Identity>,
 }
 
 #[derive(Clone)]
 struct StoredSnapshot {
-    meta: SnapshotMeta<u64, EmptyNode>,
+    meta: SnapshotMeta<u64, Member>,
     data: Vec<u8>,
 }
 
@@ -476,22 +477,77 @@ fn stored_from_disk(meta: &[u8], data: Vec<u8>) -> StorageResult<StoredSnapshot>
     Ok(StoredSnapshot { meta, data })
 }
 
+/// A node's storage, opened (and, for a data directory, locked).
+pub(crate) struct Opened {
+    /// The log for openraft.
+    pub(crate) log: Log,
+    /// The state machine, rebuilt from the newest snapshot.
+    pub(crate) sm: StateMachine,
+    /// For a data directory, a watch on its lock.
+    pub(crate) lock: Option<LockWatch>,
+    /// Which node and Raft member the storage belongs to, if it was ever decided.
+    pub(crate) identity: Option<Identity>,
+    /// No vote, no log entry, no snapshot: the storage never took part in Raft.
+    pub(crate) blank: bool,
+    /// Where the identity is recorded once decided.
+    pub(crate) keeper: IdentityKeeper,
+}
+
+/// Records a storage's identity where the storage lives.
+#[derive(Clone)]
+pub(crate) enum IdentityKeeper {
+    Mem(MemStorage),
+    Disk { fs: Arc<dyn Fs>, dir: PathBuf, io: IoMode },
+}
+
+impl IdentityKeeper {
+    /// Records `identity` durably, before the storage takes part in Raft as that member.
+    pub(crate) async fn write(&self, identity: Identity) -> Result<(), String> {
+        match self {
+            IdentityKeeper::Mem(m) => {
+                lock(&m.disk).identity = Some(identity);
+                Ok(())
+            }
+            IdentityKeeper::Disk { fs, dir, io } => {
+                let (fs, dir) = (fs.clone(), dir.clone());
+                run_io(*io, move || highlander_wal::write_identity(&*fs, &dir, identity))
+                    .await?
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
 /// Opens a node's storage: the log for openraft, the state machine (rebuilt from the newest
-/// snapshot), and, for a data directory, a watch on its lock.
-pub(crate) fn open(
-    storage: Storage,
-    applied: Arc<AppliedState>,
-) -> Result<(Log, StateMachine, Option<LockWatch>), String> {
+/// snapshot), its identity, and, for a data directory, a watch on its lock.
+pub(crate) fn open(storage: Storage, applied: Arc<AppliedState>) -> Result<Opened, String> {
     match storage {
         Storage::Memory(m) => {
             let sm = StateMachine::open(SnapshotHome::Mem(m.clone()), applied, None)
                 .map_err(|e| e.to_string())?;
             let coverage = sm.coverage.clone();
-            Ok((Log::Mem(MemLog::new(m), coverage), sm, None))
+            let (identity, blank) = {
+                let d = lock(&m.disk);
+                let blank = d.vote.is_none()
+                    && d.log.is_empty()
+                    && d.last_purged.is_none()
+                    && d.snapshot.is_none();
+                (d.identity, blank)
+            };
+            Ok(Opened {
+                log: Log::Mem(MemLog::new(m.clone()), coverage),
+                sm,
+                lock: None,
+                identity,
+                blank,
+                keeper: IdentityKeeper::Mem(m),
+            })
         }
         Storage::Disk(d) => {
             let opened = highlander_wal::open(d.fs.clone(), &d.dir, d.options.clone())
                 .map_err(|e| e.to_string())?;
+            let identity =
+                highlander_wal::read_identity(&*d.fs, &d.dir).map_err(|e| e.to_string())?;
             let recovery = &opened.recovery;
             tracing::info!(
                 dir = %d.dir.display(),
@@ -499,6 +555,9 @@ pub(crate) fn open(
                 elapsed_ms = recovery.elapsed.as_millis() as u64,
                 "data directory opened"
             );
+            let blank = opened.wal.hard_state().vote.is_none()
+                && opened.wal.log_state().last.is_none()
+                && opened.snapshot.is_none();
             let initial = match opened.snapshot {
                 Some(s) => Some(stored_from_disk(&s.meta, s.data).map_err(|e| e.to_string())?),
                 None => None,
@@ -508,7 +567,14 @@ pub(crate) fn open(
             let sm = StateMachine::open(home, applied, initial).map_err(|e| e.to_string())?;
             let log = highlander_wal::LogStore::new(opened.wal, d.io).map_err(|e| e.to_string())?;
             let coverage = sm.coverage.clone();
-            Ok((Log::Wal(Box::new(log), coverage), sm, Some(opened.lock)))
+            Ok(Opened {
+                log: Log::Wal(Box::new(log), coverage),
+                sm,
+                lock: Some(opened.lock),
+                identity,
+                blank,
+                keeper: IdentityKeeper::Disk { fs: d.fs.clone(), dir: d.dir.clone(), io: d.io },
+            })
         }
     }
 }
@@ -525,7 +591,7 @@ impl SnapshotInbox {
     /// A sink for the data of the snapshot described by `meta`.
     pub(crate) async fn begin(
         &self,
-        meta: &SnapshotMeta<u64, EmptyNode>,
+        meta: &SnapshotMeta<u64, Member>,
     ) -> Result<SnapshotSink, String> {
         match &self.home {
             SnapshotHome::Mem(_) => Ok(SnapshotSink::Memory(Vec::new())),
@@ -620,7 +686,7 @@ const SNAPSHOT_VERSION: u32 = 1;
 pub(crate) struct Applied {
     pub(crate) state: ClusterState,
     pub(crate) last_applied: Option<LogId>,
-    pub(crate) membership: StoredMembership<u64, EmptyNode>,
+    pub(crate) membership: StoredMembership<u64, Member>,
 }
 
 /// The applied state behind a lock, plus a watch that ticks with the applied index.
@@ -705,10 +771,7 @@ impl StateMachine {
     }
 }
 
-fn decode_snapshot(
-    meta: &SnapshotMeta<u64, EmptyNode>,
-    data: &[u8],
-) -> StorageResult<SnapshotBody> {
+fn decode_snapshot(meta: &SnapshotMeta<u64, Member>, data: &[u8]) -> StorageResult<SnapshotBody> {
     let body: SnapshotBody = codec::decode_snapshot(data).map_err(|e| {
         storage_error(
             ErrorSubject::Snapshot(Some(meta.signature())),
@@ -740,7 +803,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(
         &mut self,
-    ) -> StorageResult<(Option<LogId>, StoredMembership<u64, EmptyNode>)> {
+    ) -> StorageResult<(Option<LogId>, StoredMembership<u64, Member>)> {
         let a = self.applied.read();
         Ok((a.last_applied, a.membership.clone()))
     }
@@ -786,7 +849,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<u64, EmptyNode>,
+        meta: &SnapshotMeta<u64, Member>,
         snapshot: Box<Vec<u8>>,
     ) -> StorageResult<()> {
         // Decode and check before anything is replaced: a bad snapshot changes nothing.

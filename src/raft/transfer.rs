@@ -8,10 +8,11 @@
 //! retried chunks cost a round trip, never a corrupt snapshot. One transfer is received at a
 //! time; a chunk at offset 0 of another snapshot (or from another leader) replaces it.
 
+use super::Member;
 use super::store::{SnapshotInbox, SnapshotSink};
 use highlander_core::codec::MAX_SNAPSHOT_BYTES;
 use openraft::raft::SnapshotResponse;
-use openraft::{EmptyNode, SnapshotMeta, Vote};
+use openraft::{SnapshotMeta, Vote};
 use serde::{Deserialize, Serialize};
 
 /// The data bytes carried by one chunk: large enough that a round trip per chunk costs
@@ -24,7 +25,7 @@ pub(crate) struct Chunk {
     /// The sender's vote: a follower that has seen a newer one refuses at once.
     pub(crate) vote: Vote<u64>,
     /// The snapshot this chunk belongs to.
-    pub(crate) meta: SnapshotMeta<u64, EmptyNode>,
+    pub(crate) meta: SnapshotMeta<u64, Member>,
     /// The length of the whole snapshot data.
     pub(crate) total: u64,
     /// CRC32C of the whole snapshot data, checked once it has all arrived.
@@ -49,7 +50,7 @@ pub(crate) enum ChunkReply {
 /// snapshot is transferred too.
 pub(crate) fn chunk_at(
     vote: Vote<u64>,
-    meta: &SnapshotMeta<u64, EmptyNode>,
+    meta: &SnapshotMeta<u64, Member>,
     data: &[u8],
     crc: u32,
     offset: u64,
@@ -73,13 +74,13 @@ pub(crate) enum Step {
     Reply(ChunkReply),
     /// Every byte has arrived and checked out: install this snapshot, then answer with
     /// openraft's response.
-    Install { vote: Vote<u64>, meta: SnapshotMeta<u64, EmptyNode>, data: Vec<u8> },
+    Install { vote: Vote<u64>, meta: SnapshotMeta<u64, Member>, data: Vec<u8> },
 }
 
 /// The transfer in progress on a follower.
 struct Incoming {
     vote: Vote<u64>,
-    meta: SnapshotMeta<u64, EmptyNode>,
+    meta: SnapshotMeta<u64, Member>,
     total: u64,
     crc: u32,
     received: u64,
@@ -221,7 +222,7 @@ mod tests {
     use crate::raft::store::{AppliedState, MemStorage, StateMachine};
     use openraft::{CommittedLeaderId, LogId, StoredMembership};
 
-    fn meta(index: u64) -> SnapshotMeta<u64, EmptyNode> {
+    fn meta(index: u64) -> SnapshotMeta<u64, Member> {
         SnapshotMeta {
             last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), index)),
             last_membership: StoredMembership::default(),

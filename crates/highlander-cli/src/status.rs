@@ -108,14 +108,42 @@ pub fn render(report: &StatusReport, addr: SocketAddr) -> String {
     let node = |n: Option<NodeId>| n.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into());
     let mut out = String::new();
     let members: Vec<String> = report.members.iter().map(NodeId::to_string).collect();
-    let overview = vec![
+    let mut overview = vec![
         vec!["node".into(), format!("{} ({addr})", node(report.node))],
         vec!["leader".into(), node(report.leader)],
         vec!["term".into(), report.term.to_string()],
         vec!["applied".into(), format!("index {}", report.applied_index)],
         vec!["members".into(), members.join(" ")],
     ];
+    if !report.learners.is_empty() {
+        let learners: Vec<String> = report.learners.iter().map(NodeId::to_string).collect();
+        overview.push(vec!["learners".into(), learners.join(" ")]);
+    }
+    if let Some(member) = report.member {
+        overview.push(vec!["storage".into(), format!("member {member:#x}")]);
+    }
+    if let Some(left) = report.lease_left_ms {
+        let lease =
+            if left >= 0 { format!("{left} ms left") } else { format!("lapsed {} ms ago", -left) };
+        overview.push(vec!["lease".into(), lease]);
+    }
+    if let Some(n) = &report.network {
+        let observed = n.observed_rtt_ms.map_or("none yet".into(), |ms| format!("{ms} ms"));
+        overview.push(vec![
+            "round trips".into(),
+            format!("slowest {observed}, supported {} ms", n.supported_rtt_ms),
+        ]);
+    }
+    if report.overruns_total > 0 {
+        overview.push(vec![
+            "overruns".into(),
+            format!("{} now, {} ever", report.overruns.len(), report.overruns_total),
+        ]);
+    }
     out.push_str(&table(None, &overview));
+    for w in &report.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
 
     out.push_str(&format!("\nsessions: {}\n", report.sessions.len()));
     if !report.sessions.is_empty() {
@@ -228,6 +256,7 @@ mod tests {
                 node: NodeId(3),
                 ttl_ms: 2000,
                 owned: 1,
+                superseded: false,
             }],
             keys: vec![
                 KeyReport {
@@ -251,10 +280,17 @@ mod tests {
                     queued_bytes: 0,
                 },
             ],
+            warnings: vec!["this node's lease lapsed 5 ms ago".into()],
+            ..StatusReport::default()
         };
         let text = render(&report, "127.0.0.1:7002".parse().unwrap());
-        assert!(text.contains("node     n2 (127.0.0.1:7002)"), "{text}");
-        assert!(text.contains("members  n1 n2 n3"), "{text}");
+        assert!(text.contains("warning: this node's lease lapsed 5 ms ago"), "{text}");
+        let row = |name: &str| -> Vec<String> {
+            let line = text.lines().find(|l| l.trim_start().starts_with(name)).unwrap_or("");
+            line.split_whitespace().map(str::to_string).collect()
+        };
+        assert_eq!(row("node "), ["node", "n2", "(127.0.0.1:7002)"], "{text}");
+        assert_eq!(row("members "), ["members", "n1", "n2", "n3"], "{text}");
         let line = text.lines().find(|l| l.contains("irc:#rust")).unwrap();
         let cells: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(cells, ["irc:#rust", "singleton", "0", "n3", "t7", "s5", "4", "120", "n1,n3"]);

@@ -89,6 +89,7 @@ mod tests {
     #[test]
     fn round_trip_and_refusals() {
         let req = Request::Write(vec![Command::Unregister {
+            epoch: 3,
             session: SessionId(3),
             key: Key::new("k").unwrap(),
         }]);

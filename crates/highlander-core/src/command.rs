@@ -68,7 +68,13 @@ impl LeaseTerms {
 /// One change to the replicated state. A Raft entry carries a batch of them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Opens a liveness session for a starting node, closing the node's previous session.
+    /// Opens a liveness session for a starting node.
+    ///
+    /// The node's previous session, if still live, ends at once only when it ran on the same
+    /// `storage`: the new process holds that storage's lock, so the old one is gone. A
+    /// process on other storage (another machine, a wiped disk, an id configured twice) is
+    /// answered [`Outcome::WaitingForPrevious`] and recorded as the node's successor:
+    /// the leader renews the old session no more and expires it once its lease has run out.
     OpenSession {
         /// The process asking.
         client: ClientId,
@@ -78,8 +84,12 @@ pub enum Command {
         lease: LeaseTerms,
         /// The node's configured limits; the first session adopts them for the cluster.
         limits: Limits,
+        /// The identity of the storage the process runs on (its Raft member id): one per
+        /// data directory, new whenever a node starts on empty storage.
+        storage: u64,
     },
-    /// Ends a session gracefully; its slots become vacant at once.
+    /// Ends a session gracefully. Refused with [`Rejection::StillOwner`] while the session
+    /// owns a slot: those are released first, each with its token.
     CloseSession {
         /// The session to end.
         session: SessionId,
@@ -104,13 +114,22 @@ pub enum Command {
         key: Key,
         /// How the key is run.
         spec: KeySpec,
+        /// Orders this registration among the session's registrations and withdrawals of the
+        /// key (the node numbers them): a withdrawal older than the registration in force,
+        /// landing late, is refused instead of undoing it.
+        epoch: u64,
     },
-    /// Withdraws a registration; a slot the session owned for the key becomes vacant.
+    /// Withdraws a registration made at or before `epoch`. It never vacates a slot: refused
+    /// with [`Rejection::StillOwner`] while the session owns one of the key's slots (the node
+    /// releases it first, with its token), and with [`Rejection::StaleRegistration`] when a
+    /// newer registration is in force.
     Unregister {
         /// The session withdrawing.
         session: SessionId,
         /// The key.
         key: Key,
+        /// The newest registration epoch this withdrawal covers.
+        epoch: u64,
     },
     /// Gives a vacant slot to a live candidate session, with a fresh fencing token.
     Assign {
@@ -195,6 +214,13 @@ pub enum Outcome {
         /// The session.
         session: SessionId,
     },
+    /// The node's earlier process, on other storage, still has a live session: this process
+    /// is recorded as the node's successor and asks again once that session has ended. The
+    /// leader renews the earlier session no more, so it ends within its TTL and margin.
+    WaitingForPrevious {
+        /// The session being waited out.
+        session: SessionId,
+    },
     /// The session ended.
     SessionEnded,
     /// The registration is in place.
@@ -277,14 +303,27 @@ pub enum Rejection {
         /// The limits the cluster adopted.
         cluster: Limits,
     },
-    /// An older incarnation or attempt of the node; the node must start again above `current`.
-    #[error("stale incarnation; the cluster knows incarnation {current} attempt {attempt}")]
+    /// An older incarnation or attempt of the node. On the same storage (a clock that went
+    /// back), the node starts again above `current`; on other storage, another process runs
+    /// as this node and this one must stop.
+    #[error(
+        "stale incarnation; the cluster knows incarnation {current} attempt {attempt} on storage {storage:#x}"
+    )]
     StaleIncarnation {
         /// The newest incarnation the state knows for the node.
         current: u64,
         /// Its newest attempt.
         attempt: u32,
+        /// The storage that incarnation runs on.
+        storage: u64,
     },
+    /// The session still owns a slot of the key (or, for `CloseSession`, any slot): only a
+    /// `Release` with the slot's token, or an expiry, may vacate it.
+    #[error("the session still owns a slot; release it with its token first")]
+    StillOwner,
+    /// A withdrawal older than the registration in force.
+    #[error("a newer registration of the key is in force")]
+    StaleRegistration,
     /// A request from a process that is no longer the node's current incarnation, or one the
     /// client said it would not retry.
     #[error("request from a stale client, or already answered")]
@@ -309,6 +348,9 @@ impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Outcome::SessionOpened { session } => write!(f, "session {session} opened"),
+            Outcome::WaitingForPrevious { session } => {
+                write!(f, "waiting for session {session} of an earlier process to end")
+            }
             Outcome::SessionEnded => f.write_str("session ended"),
             Outcome::Registered => f.write_str("registered"),
             Outcome::Unregistered => f.write_str("unregistered"),

@@ -15,7 +15,7 @@ pub const MAX_ASSIGNS_PER_PLAN: usize = 512;
 /// 1. `ExpireSession` for every session silent longer than its lease terms allow
 ///    (`ttl + margin` since it was last heard from), bound to the table's term;
 /// 2. `Assign` for vacant slots, to a live candidate that was heard from within half its TTL,
-///    does not already own a slot of the key, and did not just hand the slot over (unless no
+///    is not superseded by a newer process of its node, does not already own a slot of the key, and did not just hand the slot over (unless no
 ///    one else can take it); among those, the least loaded (the leader's own node counting
 ///    one slot more), ties broken by a rendezvous hash of key and node so that keys spread
 ///    and a restarted node is preferred for the same keys;
@@ -38,7 +38,8 @@ pub fn plan(state: &ClusterState, table: &LeaseTable, now: Millis) -> Vec<Comman
     }
 
     let eligible = |id: &SessionId| -> bool {
-        if gone.contains(id) {
+        // A superseded session is on its way out: its node runs another process now.
+        if gone.contains(id) || state.is_superseded(*id) {
             return false;
         }
         let Some(session) = state.sessions.get(id) else { return false };

@@ -19,8 +19,11 @@ pub struct Session {
     pub attempt: u32,
     /// The lease terms both the node and the leader honour.
     pub lease: LeaseTerms,
-    /// The keys this session has registered.
-    pub keys: BTreeSet<Key>,
+    /// The storage the process runs on (see [`Command::OpenSession`]).
+    pub storage: u64,
+    /// The keys this session has registered, each with the epoch of the registration in
+    /// force.
+    pub keys: BTreeMap<Key, u64>,
     /// The slots this session owns.
     pub owned: BTreeSet<(Key, u32)>,
 }
@@ -39,6 +42,12 @@ pub struct NodeRecord {
     pub incarnation: u64,
     /// The newest attempt of that incarnation.
     pub attempt: u32,
+    /// The storage of that newest process.
+    pub storage: u64,
+    /// Whether the newest process has opened its session. While it has not, `session` (if
+    /// any) belongs to an earlier process on other storage that it waits out: that session
+    /// is *superseded*, renewed no more and expired once silent for its TTL and margin.
+    pub opened: bool,
     /// The node's live session, if any.
     pub session: Option<SessionId>,
 }
@@ -149,10 +158,15 @@ impl ClusterState {
     /// recorded in its client's de-duplication window, so a retry gets the same answer.
     pub fn apply(&mut self, command: &Command) -> Outcome {
         match command {
-            Command::OpenSession { client, attempt, lease, limits } => {
-                self.open_session(*client, *attempt, *lease, *limits)
+            Command::OpenSession { client, attempt, lease, limits, storage } => {
+                self.open_session(*client, *attempt, *lease, *limits, *storage)
             }
-            Command::CloseSession { session } => self.end_session_outcome(*session),
+            Command::CloseSession { session } => {
+                if self.sessions.get(session).is_some_and(|s| !s.owned.is_empty()) {
+                    return Outcome::Rejected(Rejection::StillOwner);
+                }
+                self.end_session_outcome(*session)
+            }
             Command::ExpireSession { session, term } => {
                 if *term != self.entry_term {
                     return Outcome::Rejected(Rejection::WrongTerm {
@@ -162,8 +176,10 @@ impl ClusterState {
                 }
                 self.end_session_outcome(*session)
             }
-            Command::Register { session, key, spec } => self.register(*session, key, *spec),
-            Command::Unregister { session, key } => self.unregister(*session, key),
+            Command::Register { session, key, spec, epoch } => {
+                self.register(*session, key, *spec, *epoch)
+            }
+            Command::Unregister { session, key, epoch } => self.unregister(*session, key, *epoch),
             Command::Assign { key, slot, session } => self.assign(key, *slot, *session),
             Command::Release { key, slot, token, hand_over } => {
                 self.release(key, *slot, *token, *hand_over)
@@ -187,12 +203,24 @@ impl ClusterState {
         self.keys.get(key)?.slots.get(slot as usize).copied().flatten()
     }
 
+    /// Whether a newer process of the session's node, on other storage, waits for this
+    /// session to end: the leader renews it no more, gives it no slot, and expires it once it
+    /// has been silent for its TTL and margin.
+    pub fn is_superseded(&self, session: SessionId) -> bool {
+        let Some(s) = self.sessions.get(&session) else { return false };
+        self.nodes.get(&s.node()).is_some_and(|rec| {
+            rec.session == Some(session)
+                && (rec.incarnation, rec.attempt) != (s.client.incarnation, s.attempt)
+        })
+    }
+
     fn open_session(
         &mut self,
         client: ClientId,
         attempt: u32,
         lease: LeaseTerms,
         limits: Limits,
+        storage: u64,
     ) -> Outcome {
         // Terms and limits come from a peer's configuration: refuse what cannot work rather
         // than adopt it.
@@ -208,27 +236,49 @@ impl ClusterState {
             }
             _ => {}
         }
-        if let Some(rec) = self.nodes.get(&client.node) {
+        if let Some(rec) = self.nodes.get(&client.node).cloned() {
             let asked = (client.incarnation, attempt);
             let known = (rec.incarnation, rec.attempt);
-            if asked == known {
-                // A retry of the request that opened the node's newest session.
-                return match rec.session {
-                    Some(session) => Outcome::SessionOpened { session },
-                    None => Outcome::Rejected(Rejection::StaleIncarnation {
-                        current: rec.incarnation,
-                        attempt: rec.attempt,
-                    }),
-                };
-            }
             if asked < known {
                 return Outcome::Rejected(Rejection::StaleIncarnation {
                     current: rec.incarnation,
                     attempt: rec.attempt,
+                    storage: rec.storage,
                 });
             }
-            // A newer start or re-open: the previous session ends now, not after its TTL.
-            if let Some(previous) = rec.session {
+            let previous = rec.session.filter(|s| self.sessions.contains_key(s));
+            if asked == known && rec.opened {
+                // A retry of the request that opened the node's newest session.
+                return match previous {
+                    Some(session) => Outcome::SessionOpened { session },
+                    None => Outcome::Rejected(Rejection::StaleIncarnation {
+                        current: rec.incarnation,
+                        attempt: rec.attempt,
+                        storage: rec.storage,
+                    }),
+                };
+            }
+            // A newer start or re-open, or a successor asking again.
+            if let Some(previous) = previous {
+                let same_storage = self.sessions[&previous].storage == storage;
+                if !same_storage {
+                    // The earlier process may still run (cut off, or the id configured
+                    // twice): it keeps its slots until its lease has run out and the leader
+                    // expires it. Until then this process waits, recorded as the successor.
+                    self.nodes.insert(
+                        client.node,
+                        NodeRecord {
+                            incarnation: client.incarnation,
+                            attempt,
+                            storage,
+                            opened: false,
+                            session: Some(previous),
+                        },
+                    );
+                    return Outcome::WaitingForPrevious { session: previous };
+                }
+                // The same storage: this process holds its lock, so the one that opened the
+                // previous session is gone. Its keys move now, not after a TTL.
                 self.end_session(previous);
             }
         }
@@ -249,11 +299,25 @@ impl ClusterState {
         let id = SessionId(self.last_session);
         self.sessions.insert(
             id,
-            Session { id, client, attempt, lease, keys: BTreeSet::new(), owned: BTreeSet::new() },
+            Session {
+                id,
+                client,
+                attempt,
+                lease,
+                storage,
+                keys: BTreeMap::new(),
+                owned: BTreeSet::new(),
+            },
         );
         self.nodes.insert(
             client.node,
-            NodeRecord { incarnation: client.incarnation, attempt, session: Some(id) },
+            NodeRecord {
+                incarnation: client.incarnation,
+                attempt,
+                storage,
+                opened: true,
+                session: Some(id),
+            },
         );
         Outcome::SessionOpened { session: id }
     }
@@ -274,7 +338,7 @@ impl ClusterState {
         for (key, slot) in &session.owned {
             self.vacate(key, *slot, None);
         }
-        for key in &session.keys {
+        for key in session.keys.keys() {
             if let Some(k) = self.keys.get_mut(key) {
                 k.candidates.remove(&id);
             }
@@ -288,7 +352,7 @@ impl ClusterState {
         true
     }
 
-    fn register(&mut self, session: SessionId, key: &Key, spec: KeySpec) -> Outcome {
+    fn register(&mut self, session: SessionId, key: &Key, spec: KeySpec, epoch: u64) -> Outcome {
         if !spec.is_valid() {
             return Outcome::Rejected(Rejection::InvalidSpec);
         }
@@ -334,23 +398,27 @@ impl ClusterState {
             }
         }
         if let Some(s) = self.sessions.get_mut(&session) {
-            s.keys.insert(key.clone());
+            let in_force = s.keys.entry(key.clone()).or_insert(epoch);
+            *in_force = (*in_force).max(epoch);
         }
         Outcome::Registered
     }
 
-    fn unregister(&mut self, session: SessionId, key: &Key) -> Outcome {
+    fn unregister(&mut self, session: SessionId, key: &Key, epoch: u64) -> Outcome {
         let Some(s) = self.sessions.get_mut(&session) else {
             return Outcome::Rejected(Rejection::NoSuchSession);
         };
-        if !s.keys.remove(key) {
+        let Some(&in_force) = s.keys.get(key) else {
             return Outcome::Unregistered;
+        };
+        if in_force > epoch {
+            return Outcome::Rejected(Rejection::StaleRegistration);
         }
-        let owned: Vec<u32> =
-            s.owned.iter().filter(|(k, _)| k == key).map(|(_, slot)| *slot).collect();
-        for slot in owned {
-            self.vacate(key, slot, None);
+        // A withdrawal never ends an ownership: the slot is released with its token first.
+        if s.owned.iter().any(|(k, _)| k == key) {
+            return Outcome::Rejected(Rejection::StillOwner);
         }
+        s.keys.remove(key);
         if let Some(k) = self.keys.get_mut(key) {
             k.candidates.remove(&session);
         }
@@ -562,7 +630,7 @@ impl ClusterState {
             }
             for c in &k.candidates {
                 match self.sessions.get(c) {
-                    Some(s) if s.keys.contains(key) => {}
+                    Some(s) if s.keys.contains_key(key) => {}
                     _ => {
                         return Err(format!(
                             "key {key}: candidate {c} not live or not listing key"

@@ -6,13 +6,20 @@ use crate::{Key, NodeId, Payload, SessionId, Token};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version, carried in the transport handshake (ALPN for QUIC).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// A request from one node to another.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// A Raft message, encoded by the Raft glue; core does not look inside.
-    Raft(RaftMessage),
+    /// A Raft message for the Raft member `to`, encoded by the Raft glue; core does not look
+    /// inside. A node whose storage is another member refuses it with
+    /// [`Response::WrongMember`]: a message for its lost storage must not reach the new one.
+    Raft {
+        /// The Raft member the message is for.
+        to: u64,
+        /// The message.
+        message: RaftMessage,
+    },
     /// Commands forwarded to the leader, to be written as one entry.
     Write(Vec<Command>),
     /// A session keepalive, answered by the leader once it has confirmed its leadership.
@@ -27,6 +34,104 @@ pub enum Request {
     /// Are you there? Answered with [`Response::Pong`]; a node that hears no peer probes
     /// with it whether its own messages get answers.
     Ping,
+    /// What is your storage's place in the cluster? Asked by a node starting on empty storage
+    /// before it decides whether it forms a new cluster or joins the existing one.
+    Hello,
+    /// A membership request, served by the leader (other nodes answer with its id).
+    Membership(MembershipRequest),
+}
+
+/// Where a node's storage stands in the cluster, as [`Request::Hello`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Empty storage that has not decided yet.
+    Blank,
+    /// Empty storage that saw every peer empty and will form the cluster with them.
+    Bootstrapping,
+    /// New storage of a node the cluster already knows, waiting to be added as a learner.
+    Joining,
+    /// Storage that is (or was) a Raft member: the cluster exists.
+    Member,
+}
+
+/// The answer to [`Request::Hello`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    /// Where the node's storage stands.
+    pub phase: Phase,
+    /// Its Raft member id, once decided.
+    pub member: Option<u64>,
+}
+
+/// A change to (or a look at) the Raft membership, served by the leader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MembershipRequest {
+    /// Voters and learners, with what the leader knows of each.
+    List,
+    /// The sending node's new storage, member `member`, asks to be added as a learner.
+    Join {
+        /// Its Raft member id.
+        member: u64,
+    },
+    /// Makes `node`'s newest storage a voter (it must have joined as a learner).
+    Add {
+        /// The node.
+        node: NodeId,
+    },
+    /// Removes every storage of `node` from the membership, voter or learner.
+    Remove {
+        /// The node.
+        node: NodeId,
+    },
+    /// Makes `node`'s newest storage the voter in place of its older one, now (a machine
+    /// replaced, a disk swapped); the leader does it by itself once the old one is silent.
+    Replace {
+        /// The node.
+        node: NodeId,
+    },
+}
+
+/// The Raft membership as the leader reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipReport {
+    /// The leader that answered.
+    pub leader: Option<NodeId>,
+    /// Whether a joint (changing) configuration is in force.
+    pub changing: bool,
+    /// Every member, voters first.
+    pub members: Vec<MemberReport>,
+}
+
+/// One Raft member in a [`MembershipReport`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberReport {
+    /// The node it belongs to.
+    pub node: NodeId,
+    /// Its Raft member id (one per storage of the node).
+    pub member: u64,
+    /// Whether it votes.
+    pub voter: bool,
+    /// The last log index the leader knows it holds.
+    pub matched: Option<u64>,
+    /// How long ago it last answered the leader, in milliseconds.
+    pub answered_ms_ago: Option<u64>,
+}
+
+/// Why a membership request was not served.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MembershipRefusal {
+    /// The receiver is not the leader; `leader` is its best guess.
+    #[error("not the leader (leader is {leader:?})")]
+    NotLeader {
+        /// The leader the receiver knows of.
+        leader: Option<NodeId>,
+    },
+    /// The request cannot be served as asked; the text says why and what to do.
+    #[error("{0}")]
+    Invalid(String),
+    /// The change did not complete (no quorum, a change already under way, a timeout).
+    #[error("not completed: {0}")]
+    Unavailable(String),
 }
 
 /// The kinds of Raft message, each carrying the encoded openraft request.
@@ -55,6 +160,16 @@ pub enum Response {
     Refused(String),
     /// The answer to a [`Request::Ping`].
     Pong,
+    /// The Raft message was for another member than this node's storage (an earlier,
+    /// lost storage of the node): not delivered.
+    WrongMember {
+        /// This node's member id, if it has one yet.
+        current: Option<u64>,
+    },
+    /// The answer to a [`Request::Hello`].
+    Hello(HelloReply),
+    /// The answer to a [`Request::Membership`].
+    Membership(Result<MembershipReport, MembershipRefusal>),
 }
 
 /// Why a forwarded write was not written.
@@ -99,12 +214,53 @@ pub struct StatusReport {
     pub term: u64,
     /// The index of the last entry it applied.
     pub applied_index: u64,
-    /// The members of the cluster.
+    /// The voting members of the cluster.
     pub members: Vec<NodeId>,
+    /// The members that replicate the log without voting.
+    pub learners: Vec<NodeId>,
+    /// This node's Raft member id (its storage's), once decided.
+    pub member: Option<u64>,
+    /// Where this node's storage stands in the cluster.
+    pub phase: Option<Phase>,
+    /// This node's lease: milliseconds left (negative once lapsed), if it has a session.
+    pub lease_left_ms: Option<i64>,
+    /// Tasks of this node still running after the lease deadline of their ownership.
+    pub overruns: Vec<OverrunReport>,
+    /// How many tasks have ever outlived their lease deadline on this node.
+    pub overruns_total: u64,
+    /// Round trips this node observed to its peers, against what its timing supports.
+    pub network: Option<NetworkReport>,
+    /// What this node thinks is wrong (timing that does not fit the network, a task that
+    /// outlived its lease, ...), one line each.
+    pub warnings: Vec<String>,
     /// Live sessions.
     pub sessions: Vec<SessionReport>,
     /// Keys, their owners and queue depths.
     pub keys: Vec<KeyReport>,
+}
+
+/// A task that was still running after the lease deadline of its ownership.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverrunReport {
+    /// The key.
+    pub key: Key,
+    /// The slot.
+    pub slot: u32,
+    /// The token of the ownership it outlived.
+    pub token: Token,
+    /// How far past the deadline it was when last seen, in milliseconds.
+    pub past_deadline_ms: u64,
+}
+
+/// Round trips a node observed, against its timing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkReport {
+    /// The largest round trip the node's timing is built for, in milliseconds.
+    pub supported_rtt_ms: u64,
+    /// The slowest recent round trip to a peer (Raft, keepalive), in milliseconds.
+    pub observed_rtt_ms: Option<u64>,
+    /// Raft and keepalive requests that timed out recently.
+    pub recent_timeouts: u64,
 }
 
 /// One live session in a [`StatusReport`].
@@ -118,6 +274,8 @@ pub struct SessionReport {
     pub ttl_ms: u64,
     /// Slots it owns.
     pub owned: usize,
+    /// A newer process of its node (on other storage) waits for it to end.
+    pub superseded: bool,
 }
 
 /// One key in a [`StatusReport`].
@@ -159,6 +317,7 @@ impl crate::state::ClusterState {
                 node: s.node(),
                 ttl_ms: s.lease.ttl_ms,
                 owned: s.owned.len(),
+                superseded: self.is_superseded(s.id),
             })
             .collect();
         let node_of = |id: &SessionId| self.sessions.get(id).map(|s| s.node());

@@ -6,6 +6,9 @@
 //! describes, `check_consistency` holds, a refusal changed nothing (a `Send` only its
 //! client's window), tokens of successful assigns strictly increase, a twin fed the same
 //! commands encodes to the same bytes, and the state survives an encode/decode round trip.
+//! And the token invariant: no command ends an ownership without naming it — a slot's owner
+//! leaves only through a `Release` carrying its token, an expiry, or a new process of the
+//! owner's node on the same storage (which proves the old process gone).
 //! Leader rounds (`plan`, with random sessions marked for expiry) run in between; everything
 //! they propose must be accepted, and planning again after them proposes nothing.
 //!
@@ -51,7 +54,18 @@ struct MSession {
     client: ClientId,
     attempt: u32,
     lease: LeaseTerms,
-    keys: BTreeSet<Key>,
+    storage: u64,
+    keys: BTreeMap<Key, u64>,
+}
+
+/// What the model remembers of a node: its newest process and its live session.
+#[derive(Clone, Copy, Debug)]
+struct MNode {
+    incarnation: u64,
+    attempt: u32,
+    storage: u64,
+    opened: bool,
+    session: Option<SessionId>,
 }
 
 #[derive(Clone, Debug)]
@@ -101,8 +115,8 @@ struct Model {
     /// The highest seq ever handed out; a key created again starts above it.
     last_seq: u64,
     sessions: BTreeMap<SessionId, MSession>,
-    /// Per node: newest (incarnation, attempt) and live session.
-    nodes: BTreeMap<NodeId, (u64, u32, Option<SessionId>)>,
+    /// Per node: newest process and live session.
+    nodes: BTreeMap<NodeId, MNode>,
     keys: BTreeMap<Key, MKey>,
     /// Per client: floor and remembered outcomes.
     windows: BTreeMap<ClientId, (u64, BTreeMap<u64, Outcome>)>,
@@ -118,26 +132,39 @@ impl Model {
 
     fn apply_inner(&mut self, command: &Command) -> Outcome {
         match command {
-            Command::OpenSession { client, attempt, lease, limits } => {
-                self.open(*client, *attempt, *lease, *limits)
+            Command::OpenSession { client, attempt, lease, limits, storage } => {
+                self.open(*client, *attempt, *lease, *limits, *storage)
             }
-            Command::CloseSession { session } => self.end(*session),
+            Command::CloseSession { session } => {
+                if self.owns_any(*session, None) {
+                    return rejected(Rejection::StillOwner);
+                }
+                self.end(*session)
+            }
             Command::ExpireSession { session, term } => {
                 if *term != self.term {
                     return rejected(Rejection::WrongTerm { decided: *term, appended: self.term });
                 }
                 self.end(*session)
             }
-            Command::Register { session, key, spec } => self.register(*session, key, *spec),
-            Command::Unregister { session, key } => {
+            Command::Register { session, key, spec, epoch } => {
+                self.register(*session, key, *spec, *epoch)
+            }
+            Command::Unregister { session, key, epoch } => {
+                let owns = self.owns_any(*session, Some(key));
                 let Some(s) = self.sessions.get_mut(session) else {
                     return rejected(Rejection::NoSuchSession);
                 };
-                if s.keys.remove(key) {
-                    let k = self.keys.get_mut(key).expect("a registered key exists");
-                    k.vacate_all_of(*session);
-                    k.candidates.remove(session);
+                match s.keys.get(key) {
+                    None => return Outcome::Unregistered,
+                    Some(in_force) if in_force > epoch => {
+                        return rejected(Rejection::StaleRegistration);
+                    }
+                    Some(_) if owns => return rejected(Rejection::StillOwner),
+                    Some(_) => {}
                 }
+                s.keys.remove(key);
+                self.keys.get_mut(key).expect("a registered key exists").candidates.remove(session);
                 Outcome::Unregistered
             }
             Command::Assign { key, slot, session } => self.assign(key, *slot as usize, *session),
@@ -183,28 +210,51 @@ impl Model {
         }
     }
 
+    /// Whether `session` owns a slot (of `key`, or of any key).
+    fn owns_any(&self, session: SessionId, key: Option<&Key>) -> bool {
+        self.keys
+            .iter()
+            .filter(|(k, _)| key.is_none_or(|key| key == *k))
+            .any(|(_, k)| k.slots.iter().flatten().any(|o| o.session == session))
+    }
+
     fn open(
         &mut self,
         client: ClientId,
         attempt: u32,
         lease: LeaseTerms,
         limits: Limits,
+        storage: u64,
     ) -> Outcome {
         if let Some(cluster) = self.limits.filter(|l| *l != limits) {
             return rejected(Rejection::LimitsMismatch { cluster });
         }
-        if let Some(&(incarnation, known_attempt, session)) = self.nodes.get(&client.node) {
+        if let Some(&node) = self.nodes.get(&client.node) {
             let stale = rejected(Rejection::StaleIncarnation {
-                current: incarnation,
-                attempt: known_attempt,
+                current: node.incarnation,
+                attempt: node.attempt,
+                storage: node.storage,
             });
-            match (client.incarnation, attempt).cmp(&(incarnation, known_attempt)) {
+            match (client.incarnation, attempt).cmp(&(node.incarnation, node.attempt)) {
                 Ordering::Less => return stale,
-                Ordering::Equal => {
-                    return session.map_or(stale, |session| Outcome::SessionOpened { session });
+                Ordering::Equal if node.opened => {
+                    return node
+                        .session
+                        .map_or(stale, |session| Outcome::SessionOpened { session });
                 }
-                Ordering::Greater => {
-                    if let Some(previous) = session {
+                _ => {
+                    if let Some(previous) = node.session {
+                        if self.sessions[&previous].storage != storage {
+                            let waiting = MNode {
+                                incarnation: client.incarnation,
+                                attempt,
+                                storage,
+                                opened: false,
+                                session: Some(previous),
+                            };
+                            self.nodes.insert(client.node, waiting);
+                            return Outcome::WaitingForPrevious { session: previous };
+                        }
                         self.end(previous);
                     }
                 }
@@ -214,8 +264,16 @@ impl Model {
         self.windows.retain(|c, _| c.node != client.node || c.incarnation == client.incarnation);
         self.last_session += 1;
         let id = SessionId(self.last_session);
-        self.sessions.insert(id, MSession { client, attempt, lease, keys: BTreeSet::new() });
-        self.nodes.insert(client.node, (client.incarnation, attempt, Some(id)));
+        self.sessions
+            .insert(id, MSession { client, attempt, lease, storage, keys: BTreeMap::new() });
+        let node = MNode {
+            incarnation: client.incarnation,
+            attempt,
+            storage,
+            opened: true,
+            session: Some(id),
+        };
+        self.nodes.insert(client.node, node);
         Outcome::SessionOpened { session: id }
     }
 
@@ -228,14 +286,14 @@ impl Model {
             k.candidates.remove(&id);
         }
         if let Some(node) = self.nodes.get_mut(&session.client.node)
-            && node.2 == Some(id)
+            && node.session == Some(id)
         {
-            node.2 = None;
+            node.session = None;
         }
         Outcome::SessionEnded
     }
 
-    fn register(&mut self, session: SessionId, key: &Key, spec: KeySpec) -> Outcome {
+    fn register(&mut self, session: SessionId, key: &Key, spec: KeySpec, epoch: u64) -> Outcome {
         let valid = match spec.kind {
             KeyKind::Singleton => spec.slots == 1,
             KeyKind::Exclusive => spec.slots >= 1 && spec.slots <= MAX_SLOTS,
@@ -261,7 +319,9 @@ impl Model {
             *k = MKey { queue, next_seq, ..MKey::new(spec) };
         }
         k.candidates.insert(session);
-        self.sessions.get_mut(&session).unwrap().keys.insert(key.clone());
+        let keys = &mut self.sessions.get_mut(&session).unwrap().keys;
+        let in_force = keys.entry(key.clone()).or_insert(epoch);
+        *in_force = (*in_force).max(epoch);
         Outcome::Registered
     }
 
@@ -292,7 +352,7 @@ impl Model {
 
     fn send(&mut self, key: &Key, payload: &Payload, request: RequestId, floor: u64) -> Outcome {
         let client = request.client;
-        if self.nodes.get(&client.node).map(|n| n.0) != Some(client.incarnation) {
+        if self.nodes.get(&client.node).map(|n| n.incarnation) != Some(client.incarnation) {
             return rejected(Rejection::StaleRequest);
         }
         let (old_floor, answered) = self.windows.get(&client).cloned().unwrap_or_default();
@@ -362,15 +422,21 @@ impl Model {
                 client: s.client,
                 attempt: s.attempt,
                 lease: s.lease,
+                storage: s.storage,
                 keys: s.keys.clone(),
                 owned,
             };
             st.sessions.insert(*id, session);
         }
-        for (node, (incarnation, attempt, session)) in &self.nodes {
-            let record =
-                NodeRecord { incarnation: *incarnation, attempt: *attempt, session: *session };
-            st.nodes.insert(*node, record);
+        for (id, node) in &self.nodes {
+            let record = NodeRecord {
+                incarnation: node.incarnation,
+                attempt: node.attempt,
+                storage: node.storage,
+                opened: node.opened,
+                session: node.session,
+            };
+            st.nodes.insert(*id, record);
         }
         for (key, k) in &self.keys {
             for (slot, owner) in k.slots.iter().enumerate() {
@@ -432,6 +498,13 @@ enum OpenHow {
     Older,
 }
 
+/// A registration epoch: the session's next one, or one behind the newest in force.
+#[derive(Clone, Copy, Debug)]
+enum EpochPick {
+    Next,
+    Back(u64),
+}
+
 /// One step of a run: a command with its arguments picked against the model when it runs (so
 /// that sessions, tokens and serials are mostly real ones), or a leader round, a new term, or
 /// a twin restored from a snapshot.
@@ -441,6 +514,9 @@ enum Op {
         node: u64,
         how: OpenHow,
         odd_limits: bool,
+        /// Open from other storage than the node's newest process (a wiped disk, another
+        /// machine) rather than the same.
+        other_storage: bool,
     },
     Close {
         session: Pick,
@@ -453,10 +529,12 @@ enum Op {
         session: Pick,
         key: usize,
         spec: u8,
+        epoch: EpochPick,
     },
     Unregister {
         session: Pick,
         key: usize,
+        epoch: EpochPick,
     },
     Assign {
         key: usize,
@@ -506,14 +584,17 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
         Just(OpenHow::NewIncarnation),
         Just(OpenHow::Older),
     ];
+    let epoch =
+        || prop_oneof![4 => Just(EpochPick::Next), 1 => (0u64..3).prop_map(EpochPick::Back)];
     let op = prop_oneof![
-        3 => (1u64..=3, how, prop::bool::weighted(0.05))
-            .prop_map(|(node, how, odd_limits)| Op::Open { node, how, odd_limits }),
+        3 => (1u64..=3, how, prop::bool::weighted(0.05), prop::bool::weighted(0.2))
+            .prop_map(|(node, how, odd_limits, other_storage)| Op::Open { node, how, odd_limits, other_storage }),
         1 => pick().prop_map(|session| Op::Close { session }),
         1 => (pick(), prop::bool::weighted(0.2))
             .prop_map(|(session, stale_term)| Op::Expire { session, stale_term }),
-        6 => (pick(), key(), 0u8..10).prop_map(|(session, key, spec)| Op::Register { session, key, spec }),
-        1 => (pick(), key()).prop_map(|(session, key)| Op::Unregister { session, key }),
+        6 => (pick(), key(), 0u8..10, epoch())
+            .prop_map(|(session, key, spec, epoch)| Op::Register { session, key, spec, epoch }),
+        2 => (pick(), key(), epoch()).prop_map(|(session, key, epoch)| Op::Unregister { session, key, epoch }),
         3 => (key(), slot(), pick()).prop_map(|(key, slot, session)| Op::Assign { key, slot, session }),
         2 => (key(), slot(), token_pick(), any::<bool>())
             .prop_map(|(key, slot, token, hand_over)| Op::Release { key, slot, token, hand_over }),
@@ -540,8 +621,9 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
         1 => Just(Op::Restore),
     ];
     // Every run starts with the three nodes up; the rest is random.
-    let start: Vec<Op> =
-        (1..=3).map(|node| Op::Open { node, how: OpenHow::Retry, odd_limits: false }).collect();
+    let start: Vec<Op> = (1..=3)
+        .map(|node| Op::Open { node, how: OpenHow::Retry, odd_limits: false, other_storage: false })
+        .collect();
     prop::collection::vec(op, 1..150)
         .prop_map(move |ops| start.iter().cloned().chain(ops).collect())
 }
@@ -567,6 +649,20 @@ impl Model {
         }
     }
 
+    /// A registration epoch of `session` for `key`, relative to the newest in force there
+    /// (or to the session's id, so epochs grow from session to session as a node's do).
+    fn epoch(&self, session: SessionId, key: usize, pick: EpochPick) -> u64 {
+        let base = self
+            .sessions
+            .get(&session)
+            .and_then(|s| s.keys.get(&self::key(key)).copied())
+            .unwrap_or(session.0 * 10);
+        match pick {
+            EpochPick::Next => base + 1,
+            EpochPick::Back(back) => base.saturating_sub(back),
+        }
+    }
+
     fn spec(key: usize, pick: u8) -> KeySpec {
         match pick {
             7 => KeySpec::singleton(),
@@ -580,20 +676,25 @@ impl Model {
     /// The concrete command an operation stands for now, if it is one command.
     fn resolve(&self, op: &Op) -> Option<Command> {
         Some(match *op {
-            Op::Open { node, how, odd_limits } => {
-                let (incarnation, attempt) = match (self.nodes.get(&NodeId(node)), how) {
+            Op::Open { node, how, odd_limits, other_storage } => {
+                let known = self.nodes.get(&NodeId(node));
+                let (incarnation, attempt) = match (known, how) {
                     (None, _) => (1, 0),
-                    (Some(&(i, a, _)), OpenHow::Retry) => (i, a),
-                    (Some(&(i, a, _)), OpenHow::NewAttempt) => (i, a + 1),
-                    (Some(&(i, _, _)), OpenHow::NewIncarnation) => (i + 1, 0),
-                    (Some(&(i, a, _)), OpenHow::Older) if a > 0 => (i, a - 1),
-                    (Some(&(i, _, _)), OpenHow::Older) => (i - 1, 5),
+                    (Some(n), OpenHow::Retry) => (n.incarnation, n.attempt),
+                    (Some(n), OpenHow::NewAttempt) => (n.incarnation, n.attempt + 1),
+                    (Some(n), OpenHow::NewIncarnation) => (n.incarnation + 1, 0),
+                    (Some(n), OpenHow::Older) if n.attempt > 0 => (n.incarnation, n.attempt - 1),
+                    (Some(n), OpenHow::Older) => (n.incarnation - 1, 5),
                 };
+                // Storage ids are the node id for its first disk, then larger ones.
+                let newest = known.map_or(node, |n| n.storage);
+                let storage = if other_storage { newest + 100 } else { newest };
                 Command::OpenSession {
                     client: ClientId { node: NodeId(node), incarnation },
                     attempt,
                     lease: LEASE,
                     limits: if odd_limits { ODD_LIMITS } else { LIMITS },
+                    storage,
                 }
             }
             Op::Close { session } => Command::CloseSession { session: self.session(session) },
@@ -601,13 +702,22 @@ impl Model {
                 session: self.session(session),
                 term: if stale_term { self.term.wrapping_sub(1) } else { self.term },
             },
-            Op::Register { session, key, spec } => Command::Register {
-                session: self.session(session),
-                key: self::key(key),
-                spec: Model::spec(key, spec),
-            },
-            Op::Unregister { session, key } => {
-                Command::Unregister { session: self.session(session), key: self::key(key) }
+            Op::Register { session, key, spec, epoch } => {
+                let session = self.session(session);
+                Command::Register {
+                    session,
+                    key: self::key(key),
+                    spec: Model::spec(key, spec),
+                    epoch: self.epoch(session, key, epoch),
+                }
+            }
+            Op::Unregister { session, key, epoch } => {
+                let session = self.session(session);
+                Command::Unregister {
+                    session,
+                    key: self::key(key),
+                    epoch: self.epoch(session, key, epoch),
+                }
             }
             Op::Assign { key, slot, session } => {
                 Command::Assign { key: self::key(key), slot, session: self.session(session) }
@@ -629,7 +739,7 @@ impl Model {
                 }
             }
             Op::Send { node, incarnation, serial, floor, len, key } => {
-                let current = self.nodes.get(&NodeId(node)).map_or(1, |n| n.0);
+                let current = self.nodes.get(&NodeId(node)).map_or(1, |n| n.incarnation);
                 let incarnation = current.saturating_add_signed(i64::from(incarnation));
                 let client = ClientId { node: NodeId(node), incarnation };
                 let (old_floor, answered) = self.windows.get(&client).cloned().unwrap_or_default();
@@ -664,6 +774,44 @@ impl Model {
             }
             Op::NewTerm | Op::Plan { .. } | Op::Restore => return None,
         })
+    }
+}
+
+// ---- The token invariant -------------------------------------------------------------------
+
+/// Every ownership `before` held that `after` no longer holds was ended by `command` naming
+/// it: a `Release` with its token, an expiry of its session, or a new process of its node on
+/// the same storage. Anything else (a withdrawal, a graceful close, a process on other
+/// storage) would hand a slot on while its owner may still run.
+fn check_ownerships_end_only_by_name(
+    before: &ClusterState,
+    after: &ClusterState,
+    command: &Command,
+) {
+    for (key, k) in &before.keys {
+        for (slot, owner) in k.slots.iter().enumerate() {
+            let Some(owner) = owner else { continue };
+            let still = after.owner(key, slot as u32).map(|o| (o.session, o.token));
+            if still == Some((owner.session, owner.token)) {
+                continue;
+            }
+            let session = &before.sessions[&owner.session];
+            let named = match command {
+                Command::Release { key: k, slot: s, token, .. } => {
+                    k == key && *s as usize == slot && *token == owner.token
+                }
+                Command::ExpireSession { session: s, .. } => *s == owner.session,
+                Command::OpenSession { client, storage, .. } => {
+                    client.node == session.node() && *storage == session.storage
+                }
+                _ => false,
+            };
+            assert!(
+                named,
+                "{command:?} ended the ownership of {key}/{slot} by {} ({}) without naming it",
+                owner.session, owner.token
+            );
+        }
     }
 }
 
@@ -738,6 +886,7 @@ impl Run {
             }
             _ => {}
         }
+        check_ownerships_end_only_by_name(&before, &self.state, &command);
         self.check(&format!("{command:?}"));
         outcome
     }
@@ -827,10 +976,10 @@ proptest! {
 fn a_known_sequence_runs_as_expected() {
     let mut run = Run::new();
     let ops = [
-        Op::Open { node: 1, how: OpenHow::Retry, odd_limits: false },
-        Op::Open { node: 2, how: OpenHow::Retry, odd_limits: false },
-        Op::Register { session: Pick(0), key: 0, spec: 0 },
-        Op::Register { session: Pick(1), key: 0, spec: 0 },
+        Op::Open { node: 1, how: OpenHow::Retry, odd_limits: false, other_storage: false },
+        Op::Open { node: 2, how: OpenHow::Retry, odd_limits: false, other_storage: false },
+        Op::Register { session: Pick(0), key: 0, spec: 0, epoch: EpochPick::Next },
+        Op::Register { session: Pick(1), key: 0, spec: 0, epoch: EpochPick::Next },
         Op::Send { node: 1, incarnation: 0, serial: SerialPick::Next, floor: None, len: 2, key: 0 },
         Op::Send {
             node: 1,

@@ -29,6 +29,7 @@ fn open_with(st: &mut ClusterState, node: u64, lease: LeaseTerms) -> SessionId {
         attempt: 0,
         lease,
         limits: Limits::default(),
+        storage: node,
     };
     match st.apply(&cmd) {
         Outcome::SessionOpened { session } => session,
@@ -41,7 +42,7 @@ fn open(st: &mut ClusterState, node: u64) -> SessionId {
 }
 
 fn register(st: &mut ClusterState, session: SessionId, k: &str, spec: KeySpec) {
-    let cmd = Command::Register { session, key: key(k), spec };
+    let cmd = Command::Register { session, key: key(k), spec, epoch: 1 };
     assert_eq!(st.apply(&cmd), Outcome::Registered);
 }
 
@@ -355,7 +356,7 @@ fn a_handed_over_slot_avoids_the_session_that_handed_it_over() {
     let mut tb = table(&st, 0);
     tb.heard(a, Millis(1500));
     assert_eq!(assigns(&plan(&st, &tb, Millis(1500))), one_assign("k", a));
-    st.apply(&Command::Unregister { session: b, key: key("k") });
+    st.apply(&Command::Unregister { session: b, key: key("k"), epoch: 1 });
     assert_eq!(assigns(&plan(&st, &table(&st, 0), Millis(0))), one_assign("k", a));
 }
 
@@ -374,9 +375,45 @@ fn a_candidate_silent_beyond_half_its_ttl_is_not_chosen() {
     assert_eq!(assigns(&plan(&st, &t, Millis(TTL / 2))), one_assign("k", a));
     assert_eq!(assigns(&plan(&st, &t, Millis(TTL / 2 + 1))), one_assign("k", b));
     // Not chosen, not yet expired either.
-    st.apply(&Command::Unregister { session: b, key: key("k") });
+    st.apply(&Command::Unregister { session: b, key: key("k"), epoch: 1 });
     let commands = plan(&st, &t, Millis(TTL / 2 + 1));
     assert_eq!(commands, vec![]);
+}
+
+/// A session whose node runs a newer process (on other storage) is on its way out: it gets
+/// no slot, and it expires by silence like any other.
+#[test]
+fn a_superseded_session_is_given_nothing() {
+    let mut st = new_state();
+    let a = open(&mut st, 1);
+    let b = open(&mut st, 2);
+    register(&mut st, a, "k", KeySpec::singleton());
+    register(&mut st, b, "k", KeySpec::singleton());
+    register(&mut st, b, "busy", KeySpec::singleton());
+    assign(&mut st, "busy", 0, b);
+    // Node 1 is started again on another disk while its first process lives.
+    let successor = Command::OpenSession {
+        client: ClientId { node: NodeId(1), incarnation: 99 },
+        attempt: 0,
+        lease: LEASE,
+        limits: Limits::default(),
+        storage: 1001,
+    };
+    assert_eq!(st.apply(&successor), Outcome::WaitingForPrevious { session: a });
+    assert!(st.is_superseded(a));
+    let t = table(&st, 0);
+    // a is less loaded, but superseded: b gets the key.
+    assert_eq!(assigns(&plan(&st, &t, Millis(0))), one_assign("k", b));
+    // It expires after its TTL and margin of silence, not before.
+    let silent = LEASE.ttl_ms + LEASE.margin_ms;
+    let expiries = |now| {
+        plan(&st, &t, Millis(now))
+            .into_iter()
+            .filter(|c| matches!(c, Command::ExpireSession { .. }))
+            .count()
+    };
+    assert_eq!(expiries(silent), 0);
+    assert_eq!(expiries(silent + 1), 2, "both silent sessions expire after TTL + margin");
 }
 
 #[test]

@@ -27,12 +27,22 @@ fn client(node: u64, incarnation: u64) -> ClientId {
     ClientId { node: NodeId(node), incarnation }
 }
 
+/// The storage of a node's first data directory; a wiped or replaced one gets another.
+fn disk(node: u64) -> u64 {
+    node
+}
+
 fn open_cmd(node: u64, incarnation: u64, attempt: u32) -> Command {
+    open_on(node, incarnation, attempt, disk(node))
+}
+
+fn open_on(node: u64, incarnation: u64, attempt: u32, storage: u64) -> Command {
     Command::OpenSession {
         client: client(node, incarnation),
         attempt,
         lease: LEASE,
         limits: LIMITS,
+        storage,
     }
 }
 
@@ -43,13 +53,24 @@ fn open(st: &mut ClusterState, node: u64, incarnation: u64, attempt: u32) -> Ses
     }
 }
 
+/// The registration epoch the helpers use; tests of epochs pick their own.
+const EPOCH: u64 = 10;
+
+fn register_cmd(session: SessionId, k: &str, spec: KeySpec) -> Command {
+    Command::Register { session, key: key(k), spec, epoch: EPOCH }
+}
+
 fn register(st: &mut ClusterState, session: SessionId, k: &str, spec: KeySpec) {
-    let cmd = Command::Register { session, key: key(k), spec };
+    let cmd = register_cmd(session, k, spec);
     assert_eq!(st.apply(&cmd), Outcome::Registered, "{cmd:?}");
 }
 
+fn unregister_cmd(session: SessionId, k: &str) -> Command {
+    Command::Unregister { session, key: key(k), epoch: EPOCH }
+}
+
 fn unregister(st: &mut ClusterState, session: SessionId, k: &str) {
-    let cmd = Command::Unregister { session, key: key(k) };
+    let cmd = unregister_cmd(session, k);
     assert_eq!(st.apply(&cmd), Outcome::Unregistered, "{cmd:?}");
 }
 
@@ -142,6 +163,7 @@ fn the_first_session_adopts_limits_and_a_mismatched_node_is_refused() {
         attempt: 0,
         lease: LEASE,
         limits: other,
+        storage: disk(node),
     };
     refused(&mut st, open_other(3, 1), mismatch.clone());
     assert!(st.session_of(NodeId(3)).is_none());
@@ -178,7 +200,7 @@ fn an_older_incarnation_or_attempt_is_stale() {
         refused(
             &mut st,
             open_cmd(1, incarnation, attempt),
-            Rejection::StaleIncarnation { current: 5, attempt: 2 },
+            Rejection::StaleIncarnation { current: 5, attempt: 2, storage: disk(1) },
         );
     }
     consistent(&st);
@@ -190,14 +212,20 @@ fn a_retried_open_after_its_session_ended_is_stale() {
     let a = open(&mut st, 1, 1, 0);
     assert_eq!(st.apply(&Command::ExpireSession { session: a, term: 0 }), Outcome::SessionEnded);
     // Handing back the ended session would let the node run on a dead session.
-    refused(&mut st, open_cmd(1, 1, 0), Rejection::StaleIncarnation { current: 1, attempt: 0 });
+    refused(
+        &mut st,
+        open_cmd(1, 1, 0),
+        Rejection::StaleIncarnation { current: 1, attempt: 0, storage: disk(1) },
+    );
     let again = open(&mut st, 1, 1, 1);
     assert_ne!(again, a);
     consistent(&st);
 }
 
+/// A restart on the same storage: the new process holds the storage's lock, so the old one
+/// is gone and its keys move at once.
 #[test]
-fn a_newer_incarnation_or_attempt_closes_the_previous_session_at_once() {
+fn a_newer_incarnation_or_attempt_on_the_same_storage_closes_the_previous_session_at_once() {
     for (incarnation, attempt) in [(2, 0), (1, 1)] {
         let mut st = ClusterState::new();
         let a = open(&mut st, 1, 1, 0);
@@ -260,43 +288,139 @@ fn a_newer_incarnation_drops_the_older_de_duplication_windows() {
 // ---- CloseSession / ExpireSession --------------------------------------------------------
 
 #[test]
-fn close_and_expire_end_a_session_and_vacate_its_slots() {
-    type End = fn(SessionId) -> Command;
-    let close: End = |session| Command::CloseSession { session };
-    let expire: End = |session| Command::ExpireSession { session, term: 0 };
-    for (end, other) in [(close, expire), (expire, close)] {
-        let mut st = ClusterState::new();
-        let a = open(&mut st, 1, 1, 0);
-        let b = open(&mut st, 2, 1, 0);
-        register(&mut st, a, "k", KeySpec::exclusive(2));
-        register(&mut st, b, "k", KeySpec::exclusive(2));
-        register(&mut st, a, "q", KeySpec::singleton());
-        register(&mut st, a, "idle", KeySpec::singleton());
-        let ka = assign(&mut st, "k", 0, a);
-        let kb = assign(&mut st, "k", 1, b);
-        assign(&mut st, "q", 0, a);
-        assert_eq!(send(&mut st, "q", b"m", client(2, 1), 1), sent(1));
+fn expire_ends_a_session_and_vacates_its_slots() {
+    let mut st = ClusterState::new();
+    let a = open(&mut st, 1, 1, 0);
+    let b = open(&mut st, 2, 1, 0);
+    register(&mut st, a, "k", KeySpec::exclusive(2));
+    register(&mut st, b, "k", KeySpec::exclusive(2));
+    register(&mut st, a, "q", KeySpec::singleton());
+    register(&mut st, a, "idle", KeySpec::singleton());
+    let ka = assign(&mut st, "k", 0, a);
+    let kb = assign(&mut st, "k", 1, b);
+    assign(&mut st, "q", 0, a);
+    assert_eq!(send(&mut st, "q", b"m", client(2, 1), 1), sent(1));
 
-        assert_eq!(st.apply(&end(a)), Outcome::SessionEnded);
-        assert!(!st.sessions.contains_key(&a));
-        assert_eq!(st.nodes[&NodeId(1)].session, None);
-        let k = &st.keys[&key("k")];
-        assert_eq!(k.slots[0], None);
-        assert_eq!(k.slots[1].map(|o| o.token), Some(kb));
-        assert_eq!(k.candidates.iter().copied().collect::<Vec<_>>(), vec![b]);
-        // A key with queued messages outlives its last candidate.
-        let q = &st.keys[&key("q")];
-        assert!(q.candidates.is_empty());
-        assert_eq!(q.slots, vec![None]);
-        assert_eq!(queued(&st, "q"), vec![(1, b"m".to_vec())]);
-        assert!(!st.keys.contains_key(&key("idle")));
+    assert_eq!(st.apply(&Command::ExpireSession { session: a, term: 0 }), Outcome::SessionEnded);
+    assert!(!st.sessions.contains_key(&a));
+    assert_eq!(st.nodes[&NodeId(1)].session, None);
+    let k = &st.keys[&key("k")];
+    assert_eq!(k.slots[0], None);
+    assert_eq!(k.slots[1].map(|o| o.token), Some(kb));
+    assert_eq!(k.candidates.iter().copied().collect::<Vec<_>>(), vec![b]);
+    // A key with queued messages outlives its last candidate.
+    let q = &st.keys[&key("q")];
+    assert!(q.candidates.is_empty());
+    assert_eq!(q.slots, vec![None]);
+    assert_eq!(queued(&st, "q"), vec![(1, b"m".to_vec())]);
+    assert!(!st.keys.contains_key(&key("idle")));
 
-        refused(&mut st, release_cmd("k", 0, ka, false), Rejection::StaleToken);
-        refused(&mut st, end(a), Rejection::NoSuchSession);
-        refused(&mut st, other(a), Rejection::NoSuchSession);
-        refused(&mut st, end(SessionId(99)), Rejection::NoSuchSession);
-        consistent(&st);
-    }
+    refused(&mut st, release_cmd("k", 0, ka, false), Rejection::StaleToken);
+    refused(&mut st, Command::ExpireSession { session: a, term: 0 }, Rejection::NoSuchSession);
+    refused(&mut st, Command::CloseSession { session: a }, Rejection::NoSuchSession);
+    consistent(&st);
+}
+
+/// A graceful close never ends an ownership: the node releases each slot with its token
+/// first (in the same entry), so a close that lands late cannot cut a running task loose.
+#[test]
+fn close_is_refused_while_the_session_owns_a_slot() {
+    let mut st = ClusterState::new();
+    let a = open(&mut st, 1, 1, 0);
+    let b = open(&mut st, 2, 1, 0);
+    register(&mut st, a, "k", KeySpec::exclusive(2));
+    register(&mut st, b, "k", KeySpec::exclusive(2));
+    register(&mut st, a, "idle", KeySpec::singleton());
+    let ka = assign(&mut st, "k", 0, a);
+    let kb = assign(&mut st, "k", 1, b);
+
+    refused(&mut st, Command::CloseSession { session: a }, Rejection::StillOwner);
+    // Released with its token, then closed, in one entry as a shutdown writes them.
+    let out =
+        st.apply_batch(&[release_cmd("k", 0, ka, true), Command::CloseSession { session: a }]);
+    assert_eq!(out, vec![Outcome::Released, Outcome::SessionEnded]);
+    assert!(!st.sessions.contains_key(&a));
+    let k = &st.keys[&key("k")];
+    assert_eq!(k.slots[0], None);
+    assert_eq!(k.slots[1].map(|o| o.token), Some(kb));
+    assert!(!st.keys.contains_key(&key("idle")));
+    refused(&mut st, Command::CloseSession { session: a }, Rejection::NoSuchSession);
+    refused(&mut st, Command::CloseSession { session: SessionId(99) }, Rejection::NoSuchSession);
+    consistent(&st);
+}
+
+/// Finding 3 of the safety audit: a process on other storage (another machine, a wiped disk,
+/// an id configured twice) used to end the live session of the node's earlier process at
+/// once, and its keys moved while that process, cut off but alive, still ran them.
+#[test]
+fn a_new_process_on_other_storage_waits_out_the_live_session_it_replaces() {
+    let mut st = ClusterState::new();
+    let a = open(&mut st, 1, 1, 0);
+    let b = open(&mut st, 2, 1, 0);
+    register(&mut st, a, "k", KeySpec::singleton());
+    register(&mut st, b, "k", KeySpec::singleton());
+    let token = assign(&mut st, "k", 0, a);
+    assert_eq!(send(&mut st, "k", b"m", client(1, 1), 1), sent(1));
+
+    // The replacement asks: refused, and recorded as the node's successor.
+    let replacement = open_on(1, 5, 0, 77);
+    assert_eq!(st.apply(&replacement), Outcome::WaitingForPrevious { session: a });
+    assert!(st.sessions.contains_key(&a), "the live session of the old process was ended");
+    assert_eq!(st.owner(&key("k"), 0).map(|o| (o.session, o.token)), Some((a, token)));
+    assert!(st.is_superseded(a));
+    assert!(!st.is_superseded(b));
+    let rec = &st.nodes[&NodeId(1)];
+    assert_eq!((rec.incarnation, rec.storage, rec.opened, rec.session), (5, 77, false, Some(a)));
+    // Asking again changes nothing.
+    let before = st.clone();
+    assert_eq!(st.apply(&replacement), Outcome::WaitingForPrevious { session: a });
+    assert_eq!(st, before);
+    // The old process's requests are stale now: it cannot re-open or send as the node.
+    refused(
+        &mut st,
+        open_cmd(1, 1, 1),
+        Rejection::StaleIncarnation { current: 5, attempt: 0, storage: 77 },
+    );
+    refused_send(&mut st, send_cmd("k", b"x", client(1, 1), 2, 0), Rejection::StaleRequest);
+    // Its ownership still ends only by its token or by expiry.
+    assert_eq!(st.apply(&Command::ExpireSession { session: a, term: 0 }), Outcome::SessionEnded);
+    assert_eq!(st.owner(&key("k"), 0), None);
+    let a2 = match st.apply(&replacement) {
+        Outcome::SessionOpened { session } => session,
+        other => panic!("the successor could not open once the old session ended: {other}"),
+    };
+    assert!(!st.is_superseded(a2));
+    assert_eq!(st.nodes[&NodeId(1)].session, Some(a2));
+    assert!(st.nodes[&NodeId(1)].opened);
+    // A retry of that open returns the same session.
+    assert_eq!(st.apply(&replacement), Outcome::SessionOpened { session: a2 });
+    consistent(&st);
+}
+
+/// A node that restarts on the storage of a process that was itself waiting for an older
+/// one takes the fast path only against a session of the same storage.
+#[test]
+fn the_fast_path_needs_the_storage_of_the_session_it_ends() {
+    let mut st = ClusterState::new();
+    let a = open(&mut st, 1, 1, 0);
+    register(&mut st, a, "k", KeySpec::singleton());
+    assign(&mut st, "k", 0, a);
+    assert_eq!(st.apply(&open_on(1, 2, 0, 77)), Outcome::WaitingForPrevious { session: a });
+    // Another process on the old storage (the old process restarted): it holds that lock,
+    // so the old session's process is gone; the waiting successor is stale from now on.
+    let a3 = open_on(1, 3, 0, disk(1));
+    let a3 = match st.apply(&a3) {
+        Outcome::SessionOpened { session } => session,
+        other => panic!("{other}"),
+    };
+    assert!(!st.sessions.contains_key(&a));
+    refused(
+        &mut st,
+        open_on(1, 2, 0, 77),
+        Rejection::StaleIncarnation { current: 3, attempt: 0, storage: disk(1) },
+    );
+    assert_eq!(st.nodes[&NodeId(1)].session, Some(a3));
+    consistent(&st);
 }
 
 #[test]
@@ -339,12 +463,11 @@ fn register_refuses_invalid_specs_and_unknown_sessions() {
     for spec in bad {
         refused(
             &mut st,
-            Command::Register { session: a, key: key("k"), spec },
+            Command::Register { session: a, key: key("k"), spec, epoch: EPOCH },
             Rejection::InvalidSpec,
         );
     }
-    let cmd =
-        Command::Register { session: SessionId(99), key: key("k"), spec: KeySpec::singleton() };
+    let cmd = register_cmd(SessionId(99), "k", KeySpec::singleton());
     refused(&mut st, cmd, Rejection::NoSuchSession);
 
     register(&mut st, a, "k", KeySpec::exclusive(MAX_SLOTS));
@@ -361,7 +484,7 @@ fn a_conflicting_spec_is_refused_while_candidates_exist() {
     register(&mut st, a, "k", KeySpec::singleton());
     let conflict = Rejection::SpecConflict { existing: KeySpec::singleton() };
     for session in [a, b] {
-        let cmd = Command::Register { session, key: key("k"), spec: KeySpec::exclusive(2) };
+        let cmd = register_cmd(session, "k", KeySpec::exclusive(2));
         refused(&mut st, cmd, conflict.clone());
     }
     // The same spec again is harmless.
@@ -395,28 +518,34 @@ fn a_key_with_only_queued_messages_takes_a_new_spec() {
     consistent(&st);
 }
 
+/// Finding 2 of the safety audit: `Unregister` used to vacate the session's slot outright,
+/// so one that landed late (its caller gone, the proposer still retrying) handed a slot on
+/// while the task of a newer registration ran in it.
 #[test]
-fn unregister_vacates_only_that_sessions_slot_of_that_key() {
+fn unregister_never_vacates_a_slot() {
     let mut st = ClusterState::new();
     let a = open(&mut st, 1, 1, 0);
     let b = open(&mut st, 2, 1, 0);
     register(&mut st, a, "k", KeySpec::exclusive(2));
     register(&mut st, b, "k", KeySpec::exclusive(2));
     register(&mut st, a, "other", KeySpec::singleton());
-    assign(&mut st, "k", 0, a);
+    let ka = assign(&mut st, "k", 0, a);
     let kb = assign(&mut st, "k", 1, b);
     let other = assign(&mut st, "other", 0, a);
 
+    refused(&mut st, unregister_cmd(a, "k"), Rejection::StillOwner);
+    // Released with its token, then withdrawn.
+    release(&mut st, "k", 0, ka, true);
     unregister(&mut st, a, "k");
     let k = &st.keys[&key("k")];
     assert_eq!(k.slots[0], None);
-    assert_eq!(k.handed_over_by[0], None);
+    assert_eq!(k.handed_over_by[0], Some(a));
     assert!(st.vacant.contains(&(key("k"), 0)));
     assert_eq!(k.slots[1].map(|o| (o.session, o.token)), Some((b, kb)));
     assert_eq!(k.candidates.iter().copied().collect::<Vec<_>>(), vec![b]);
     assert_eq!(st.owner(&key("other"), 0).map(|o| o.token), Some(other));
     let sa = &st.sessions[&a];
-    assert_eq!(sa.keys.iter().cloned().collect::<Vec<_>>(), vec![key("other")]);
+    assert_eq!(sa.keys.keys().cloned().collect::<Vec<_>>(), vec![key("other")]);
     assert_eq!(sa.owned.iter().cloned().collect::<Vec<_>>(), vec![(key("other"), 0)]);
 
     // Withdrawing what is not registered is a harmless no-op.
@@ -424,16 +553,56 @@ fn unregister_vacates_only_that_sessions_slot_of_that_key() {
     unregister(&mut st, a, "k");
     unregister(&mut st, a, "never");
     assert_eq!(st, before);
-    refused(
-        &mut st,
-        Command::Unregister { session: SessionId(99), key: key("k") },
-        Rejection::NoSuchSession,
-    );
+    refused(&mut st, unregister_cmd(SessionId(99), "k"), Rejection::NoSuchSession);
 
     // The last candidate leaves a key without messages: it is forgotten.
+    release(&mut st, "k", 1, kb, true);
     unregister(&mut st, b, "k");
     assert!(!st.keys.contains_key(&key("k")));
     assert!(st.vacant.iter().all(|(k, _)| k != &key("k")));
+    consistent(&st);
+}
+
+/// The exact sequence of finding 2: withdraw (epoch 2) is submitted, its caller gives up,
+/// the node registers again (epoch 3) and is given the slot; the withdrawal lands late. It
+/// must neither vacate the slot nor undo the newer registration.
+#[test]
+fn a_withdrawal_landing_after_a_newer_registration_changes_nothing() {
+    let mut st = ClusterState::new();
+    let a = open(&mut st, 1, 1, 0);
+    let b = open(&mut st, 2, 1, 0);
+    let reg = |session, epoch| Command::Register {
+        session,
+        key: key("k"),
+        spec: KeySpec::singleton(),
+        epoch,
+    };
+    assert_eq!(st.apply(&reg(a, 1)), Outcome::Registered);
+    assert_eq!(st.apply(&reg(b, 1)), Outcome::Registered);
+    let t1 = assign(&mut st, "k", 0, a);
+    release(&mut st, "k", 0, t1, true);
+    let late = Command::Unregister { session: a, key: key("k"), epoch: 2 };
+    assert_eq!(st.apply(&reg(a, 3)), Outcome::Registered);
+    // Occupied by b meanwhile, then handed back to a: a runs it under a new token.
+    let tb = assign(&mut st, "k", 0, b);
+    release(&mut st, "k", 0, tb, true);
+    let t3 = assign(&mut st, "k", 0, a);
+    let before = st.clone();
+    refused(&mut st, late.clone(), Rejection::StaleRegistration);
+    assert_eq!(st, before);
+    assert_eq!(st.owner(&key("k"), 0).map(|o| (o.session, o.token)), Some((a, t3)));
+    // Even if a had not been given the slot, the late withdrawal would not undo epoch 3.
+    release(&mut st, "k", 0, t3, false);
+    refused(&mut st, late, Rejection::StaleRegistration);
+    assert!(st.keys[&key("k")].candidates.contains(&a));
+    // A late registration never lowers the epoch in force.
+    assert_eq!(st.apply(&reg(a, 2)), Outcome::Registered);
+    assert_eq!(st.sessions[&a].keys[&key("k")], 3);
+    // A withdrawal covering epoch 3 goes through.
+    assert_eq!(
+        st.apply(&Command::Unregister { session: a, key: key("k"), epoch: 3 }),
+        Outcome::Unregistered
+    );
     consistent(&st);
 }
 
@@ -485,6 +654,9 @@ fn tokens_come_from_one_counter_and_strictly_increase() {
     assert!(t4 > t3);
 
     // Forgetting every key does not reset the counter.
+    release(&mut st, "x", 0, t4, false);
+    release(&mut st, "y", 0, t2, false);
+    release(&mut st, "y", 1, t3, false);
     for s in [a, b] {
         unregister(&mut st, s, "x");
         unregister(&mut st, s, "y");
@@ -543,7 +715,7 @@ fn a_hand_over_is_recorded_for_the_planner() {
     release(&mut st, "k", 0, t, true);
     assign(&mut st, "k", 0, a);
     // The owner's session ending is no hand-over.
-    st.apply(&Command::CloseSession { session: a });
+    st.apply(&Command::ExpireSession { session: a, term: 0 });
     assert_eq!(st.keys[&key("k")].handed_over_by, vec![None]);
     consistent(&st);
 }
@@ -794,6 +966,7 @@ fn a_key_is_forgotten_once_it_has_neither_candidates_nor_messages() {
     let t = assign(&mut st, "k", 0, b);
     assert_eq!(st.apply(&ack_cmd("k", t, 2)), Outcome::Acked { head: None });
     assert!(st.keys.contains_key(&key("k")), "a key with a candidate was dropped");
+    release(&mut st, "k", 0, t, false);
     unregister(&mut st, b, "k");
     assert!(!st.keys.contains_key(&key("k")));
     assert!(st.vacant.is_empty());
@@ -827,6 +1000,7 @@ fn messages_from_reads_from_a_sequence_number_on() {
 fn unusable_lease_terms_or_limits_are_refused_and_never_adopted() {
     let mut st = ClusterState::new();
     let with = |lease: LeaseTerms, limits: Limits| Command::OpenSession {
+        storage: disk(1),
         client: client(1, 1),
         attempt: 0,
         lease,
@@ -857,6 +1031,7 @@ fn a_key_registered_again_never_reuses_a_sequence_number() {
     assert_eq!(send(&mut st, "k", b"two", client(1, 1), 2), sent(2));
     assert!(matches!(st.apply(&ack_cmd("k", t, 2)), Outcome::Acked { head: None }));
     // Nobody runs it and nothing is queued: the key is forgotten.
+    release(&mut st, "k", 0, t, false);
     unregister(&mut st, a, "k");
     assert!(!st.keys.contains_key(&key("k")));
     register(&mut st, a, "k", KeySpec::singleton());

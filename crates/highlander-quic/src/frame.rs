@@ -1,13 +1,14 @@
 //! The stream layout. One request is one bidirectional stream:
 //!
 //! ```text
-//! client → server   [kind: u8][len: u32 big-endian][len bytes]  FIN
+//! client → server   [kind: u8][len: u32 big-endian][to: u64 big-endian, snapshots only][len bytes]  FIN
 //! server → client   [len: u32 big-endian][len bytes]            FIN
 //! ```
 //!
 //! `kind` [`KIND_FRAME`]: the bytes are one [`Request`](highlander_core::wire::Request)
 //! encoded by `highlander_core::codec`, at most `MAX_FRAME_BYTES`. `kind` [`KIND_SNAPSHOT`]:
-//! the bytes are the payload of a `Request::Raft(RaftMessage::Snapshot(..))`, at most
+//! the bytes are the payload of a `Request::Raft { to, message: RaftMessage::Snapshot(..) }`
+//! for Raft member `to`, at most
 //! `MAX_SNAPSHOT_BYTES`, written in [`SNAPSHOT_CHUNK`]-byte pieces at a lower priority so
 //! heartbeats and votes on the same connection overtake it. The response is one
 //! [`Response`](highlander_core::wire::Response) frame. Every length is checked against its

@@ -27,7 +27,7 @@
 //!
 //! Kind 1: the bytes are one `Request` encoded by `highlander_core::codec`, at most
 //! `codec::MAX_FRAME_BYTES`, decoded with that limit (trailing bytes refused). Kind 2: the
-//! bytes are the payload of a `Request::Raft(RaftMessage::Snapshot(..))`, at most
+//! bytes are the payload of a `Request::Raft { to, message: RaftMessage::Snapshot(..) }`, at most
 //! `codec::MAX_SNAPSHOT_BYTES`, written in 1 MiB chunks on a stream of lower priority, so
 //! heartbeats and votes on the same connection overtake it; the receiver holds only the bytes
 //! that arrived, never the length claimed, and the runtime decodes the payload. The response

@@ -63,9 +63,10 @@ impl RequestHandler for Echo {
     fn handle(&self, _from: NodeId, request: Request) -> BoxFuture<'static, Response> {
         Box::pin(async move {
             match request {
-                Request::Raft(highlander_core::wire::RaftMessage::AppendEntries(p)) => {
-                    Response::Raft(p)
-                }
+                Request::Raft {
+                    message: highlander_core::wire::RaftMessage::AppendEntries(p),
+                    ..
+                } => Response::Raft(p),
                 _ => Response::Refused("echo answers appends only".into()),
             }
         })
@@ -167,7 +168,10 @@ impl Cluster {
 const T: Duration = Duration::from_secs(5);
 
 fn append(bytes: &[u8]) -> Request {
-    Request::Raft(highlander_core::wire::RaftMessage::AppendEntries(bytes.into()))
+    Request::Raft {
+        to: 1,
+        message: highlander_core::wire::RaftMessage::AppendEntries(bytes.into()),
+    }
 }
 
 /// Sends raw stream bytes and returns the stream error code the node answered with.
@@ -309,7 +313,8 @@ async fn another_protocol_version_is_refused_with_a_clear_line() {
     }
     c.still_serving().await;
     assert_eq!(logs.warnings("another protocol version"), 1, "{}", logs.dump());
-    assert_eq!(logs.warnings("highlander/1"), 1, "{}", logs.dump());
+    let ours = format!("highlander/{}", highlander_core::wire::PROTOCOL_VERSION);
+    assert_eq!(logs.warnings(&ours), 1, "{}", logs.dump());
     // Not `wait_idle`: after failed handshakes it waits out a 3 s drain.
     drop(endpoint);
     eprintln!("{}", logs.dump());

@@ -170,13 +170,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A request ready for the wire.
 enum Outgoing {
     Frame(Bytes),
-    Snapshot(Bytes),
+    /// A snapshot chunk for Raft member `to`.
+    Snapshot {
+        to: u64,
+        data: Bytes,
+    },
 }
 
 impl Outgoing {
     fn new(request: Request) -> Result<Outgoing, TransportError> {
         match request {
-            Request::Raft(RaftMessage::Snapshot(Payload(data))) => {
+            Request::Raft { to, message: RaftMessage::Snapshot(Payload(data)) } => {
                 if data.len() > MAX_SNAPSHOT_BYTES {
                     return Err(CodecError::TooLarge {
                         len: data.len(),
@@ -184,7 +188,7 @@ impl Outgoing {
                     }
                     .into());
                 }
-                Ok(Outgoing::Snapshot(data))
+                Ok(Outgoing::Snapshot { to, data })
             }
             other => {
                 let body = codec::encode(&other)?;
@@ -542,11 +546,13 @@ impl Inner {
                 let mut chunks = [Bytes::copy_from_slice(&header), body];
                 send.stream()?.write_all_chunks(&mut chunks).await
             }
-            Outgoing::Snapshot(data) => {
+            Outgoing::Snapshot { to: member, data } => {
                 let stream = send.stream()?;
                 let _ = stream.set_priority(frame::SNAPSHOT_PRIORITY);
-                let mut header = [KIND_SNAPSHOT, 0, 0, 0, 0];
-                header[1..].copy_from_slice(&(data.len() as u32).to_be_bytes());
+                let mut header = [0u8; 13];
+                header[0] = KIND_SNAPSHOT;
+                header[1..5].copy_from_slice(&(data.len() as u32).to_be_bytes());
+                header[5..].copy_from_slice(&member.to_be_bytes());
                 let mut result = stream.write_chunk(Bytes::copy_from_slice(&header)).await;
                 let mut at = 0;
                 while result.is_ok() && at < data.len() {
@@ -1099,6 +1105,8 @@ impl Inner {
                 if len > MAX_SNAPSHOT_BYTES {
                     return Err(ReadFail::TooLarge { len, limit: MAX_SNAPSHOT_BYTES });
                 }
+                let mut member = [0u8; 8];
+                frame::read_exact(recv, &mut member, idle).await?;
                 let slot = self.snapshot_slots.clone().acquire_owned();
                 let permit = match tokio::time::timeout(idle, slot).await {
                     Ok(Ok(permit)) => permit,
@@ -1106,7 +1114,10 @@ impl Inner {
                     Err(_) => return Err(ReadFail::Stalled),
                 };
                 let data = frame::read_snapshot(recv, len, idle).await?;
-                let request = Request::Raft(RaftMessage::Snapshot(Payload::from(data)));
+                let request = Request::Raft {
+                    to: u64::from_be_bytes(member),
+                    message: RaftMessage::Snapshot(Payload::from(data)),
+                };
                 Ok((request, Some(permit)))
             }
             other => Err(ReadFail::Malformed(format!("unknown stream kind {other}"))),

@@ -44,7 +44,10 @@ async fn three_nodes_round_trip() {
     let calls = (0..200u32).map(|i| {
         let t = t.clone();
         tokio::spawn(async move {
-            let req = Request::Raft(RaftMessage::Vote(Payload::from(i.to_be_bytes().to_vec())));
+            let req = Request::Raft {
+                to: 1,
+                message: RaftMessage::Vote(Payload::from(i.to_be_bytes().to_vec())),
+            };
             (i, t.request(NodeId(2), req, T).await)
         })
     });
@@ -184,7 +187,7 @@ async fn snapshot_sized_payloads_arrive_intact() {
     let data: Vec<u8> =
         (0..20u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let expected = digest(&data);
-    let snapshot = Request::Raft(RaftMessage::Snapshot(Payload::from(data)));
+    let snapshot = Request::Raft { to: 7, message: RaftMessage::Snapshot(Payload::from(data)) };
     let t = nodes[0].t.clone();
     let started = Instant::now();
     let big =

@@ -837,7 +837,9 @@ mod tests {
                 }
                 assert!(!panic, "test handler told to panic");
                 match request {
-                    Request::Raft(RaftMessage::AppendEntries(p)) => Response::Raft(p),
+                    Request::Raft { message: RaftMessage::AppendEntries(p), .. } => {
+                        Response::Raft(p)
+                    }
                     Request::Status => Response::Status(Box::new(StatusReport {
                         node: Some(id),
                         ..StatusReport::default()
@@ -863,7 +865,10 @@ mod tests {
     }
 
     fn ping(n: u32) -> Request {
-        Request::Raft(RaftMessage::AppendEntries(Payload::from(n.to_le_bytes().to_vec())))
+        Request::Raft {
+            to: 1,
+            message: RaftMessage::AppendEntries(Payload::from(n.to_le_bytes().to_vec())),
+        }
     }
 
     fn pong(n: u32) -> Response {

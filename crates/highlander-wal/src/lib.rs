@@ -9,6 +9,8 @@
 //!   conflicting suffix and purging a prefix are durable before they return; the purge point
 //!   is written before any segment is deleted.
 //! - **Hard state**: vote, committed id and purge point in a two-slot checksummed file.
+//! - **Identity** ([`Identity`]): which node a directory belongs to and which Raft member its
+//!   storage is, so that a node whose storage was lost never comes back as the member it was.
 //! - **Recovery** ([`open`]): every record is validated. A torn tail (the unacknowledged write
 //!   of a crash) is cut and synced; damage to bytes that were once durable — a bad record
 //!   with valid later writes after it, a missing segment, hard state that disagrees with the
@@ -82,6 +84,7 @@ mod error;
 pub mod format;
 pub mod fs;
 mod hardstate;
+mod identity;
 mod inspect;
 mod raft;
 mod snapshot;
@@ -90,6 +93,7 @@ mod wal;
 pub use datadir::{LockWatch, Opened, Options, Recovery, open};
 pub use error::{Result, WalError};
 pub use fs::{CrashMode, Fs, RealFs, SimFs};
+pub use identity::{Identity, read_identity, write_identity};
 pub use inspect::{Inspection, inspect};
 pub use raft::{IoMode, LogReader, LogStore, decode_entry, encode_entry, entry_id, log_id};
 pub use snapshot::{

@@ -29,22 +29,25 @@ impl Echo {
 impl RequestHandler for Echo {
     fn handle(&self, from: NodeId, request: Request) -> BoxFuture<'static, Response> {
         let kind = match &request {
-            Request::Raft(RaftMessage::AppendEntries(_)) => "append",
-            Request::Raft(RaftMessage::Vote(_)) => "vote",
-            Request::Raft(RaftMessage::Snapshot(_)) => "snapshot",
+            Request::Raft { message: RaftMessage::AppendEntries(_), .. } => "append",
+            Request::Raft { message: RaftMessage::Vote(_), .. } => "vote",
+            Request::Raft { message: RaftMessage::Snapshot(_), .. } => "snapshot",
             Request::Write(_) => "write",
             Request::KeepAlive { .. } => "keepalive",
             Request::Status => "status",
             Request::Ping => "ping",
+            Request::Hello => "hello",
+            Request::Membership(_) => "membership",
         };
         self.seen.lock().unwrap().push((from, kind));
         let id = self.id;
         Box::pin(async move {
             match request {
-                Request::Raft(RaftMessage::AppendEntries(p) | RaftMessage::Vote(p)) => {
-                    Response::Raft(p)
-                }
-                Request::Raft(RaftMessage::Snapshot(p)) => {
+                Request::Raft {
+                    message: RaftMessage::AppendEntries(p) | RaftMessage::Vote(p),
+                    ..
+                } => Response::Raft(p),
+                Request::Raft { message: RaftMessage::Snapshot(p), .. } => {
                     Response::Raft(Payload::from(digest(p.as_bytes())))
                 }
                 // `lapsed_ms` doubles as "take this long to answer".
@@ -57,7 +60,9 @@ impl RequestHandler for Echo {
                     node: Some(id),
                     ..Default::default()
                 })),
-                Request::Write(_) => Response::Refused("no writes here".into()),
+                Request::Write(_) | Request::Hello | Request::Membership(_) => {
+                    Response::Refused("not served here".into())
+                }
             }
         })
     }
@@ -75,7 +80,7 @@ pub fn digest(bytes: &[u8]) -> Vec<u8> {
 }
 
 pub fn append(bytes: &[u8]) -> Request {
-    Request::Raft(RaftMessage::AppendEntries(Payload::from(bytes)))
+    Request::Raft { to: 1, message: RaftMessage::AppendEntries(Payload::from(bytes)) }
 }
 
 pub fn slow(ms: u64) -> Request {
