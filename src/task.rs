@@ -270,3 +270,89 @@ async fn wait_cancelled(rx: &mut watch::Receiver<bool>) {
         std::future::pending::<()>().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use highlander_core::Payload;
+    use std::time::Duration;
+
+    /// A context as the supervisor builds it, with a message already in its inbox.
+    fn context(
+        lease: &watch::Sender<Lease>,
+    ) -> (TaskContext, watch::Sender<bool>, mpsc::Sender<Message>) {
+        let (cancel_tx, cancel) = watch::channel(false);
+        let (inbox_tx, inbox) = mpsc::channel(8);
+        let ctx = TaskContext {
+            node: NodeId(1),
+            key: Key::new("k").unwrap(),
+            slot: 0,
+            token: Token(7),
+            session: SessionId(1),
+            cancel,
+            inbox,
+            lease: lease.subscribe(),
+            progress: Arc::new(TaskProgress::new(Instant::now(), Arc::new(Notify::new()))),
+            observer: None,
+            last_taken: None,
+            clock: LeaseClock::new(1.0),
+        };
+        (ctx, cancel_tx, inbox_tx)
+    }
+
+    fn message(seq: u64) -> Message {
+        Message { seq: Seq(seq), payload: Payload::from(vec![seq as u8]) }
+    }
+
+    /// Finding 4 of the safety audit: after a pause longer than its lease, a task took the
+    /// messages waiting in its inbox before the supervisor had cancelled it. `recv` checks
+    /// the lease itself: past the deadline it hands nothing over and acknowledges nothing.
+    #[tokio::test(start_paused = true)]
+    async fn recv_hands_nothing_over_after_the_lease_deadline() {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let lease =
+            watch::channel(Lease { session: Some(SessionId(1)), deadline: Some(deadline) }).0;
+        let (mut ctx, _cancel, inbox) = context(&lease);
+        inbox.send(message(1)).await.unwrap();
+        inbox.send(message(2)).await.unwrap();
+        assert_eq!(ctx.recv().await.map(|m| m.seq), Some(Seq(1)));
+        // The process is "paused" past its deadline: nobody cancelled the task, and a message
+        // waits in its inbox.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(!ctx.is_cancelled());
+        assert!(!ctx.still_owner());
+        assert_eq!(ctx.recv().await.map(|m| m.seq), None, "a message taken past the lease");
+        ctx.ack();
+        assert_eq!(ctx.progress.ack_upto.load(Ordering::Acquire), 0, "acknowledged past the lease");
+    }
+
+    /// Waiting in `recv` ends at the lease deadline, even if nothing else happens.
+    #[tokio::test(start_paused = true)]
+    async fn recv_returns_at_the_lease_deadline() {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let lease =
+            watch::channel(Lease { session: Some(SessionId(1)), deadline: Some(deadline) }).0;
+        let (mut ctx, _cancel, _inbox) = context(&lease);
+        let started = Instant::now();
+        assert_eq!(ctx.recv().await.map(|m| m.seq), None);
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        // A renewal while waiting moves the deadline on.
+        let lease2 = watch::channel(Lease {
+            session: Some(SessionId(1)),
+            deadline: Some(Instant::now() + Duration::from_secs(1)),
+        })
+        .0;
+        let (mut ctx, _cancel, _inbox) = context(&lease2);
+        let renew = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            lease2.send_replace(Lease {
+                session: Some(SessionId(1)),
+                deadline: Some(Instant::now() + Duration::from_secs(1)),
+            });
+        };
+        let started = Instant::now();
+        let (got, ()) = tokio::join!(ctx.recv(), renew);
+        assert!(got.is_none());
+        assert_eq!(started.elapsed(), Duration::from_millis(1500));
+    }
+}

@@ -27,6 +27,7 @@ pub struct SimClusterBuilder {
     limits: Limits,
     setup: Option<Setup>,
     memory: bool,
+    clock_rates: BTreeMap<NodeId, f64>,
 }
 
 impl Default for SimClusterBuilder {
@@ -38,6 +39,7 @@ impl Default for SimClusterBuilder {
             limits: Limits::default(),
             setup: None,
             memory: false,
+            clock_rates: BTreeMap::new(),
         }
     }
 }
@@ -77,6 +79,16 @@ impl SimClusterBuilder {
         self
     }
 
+    /// Makes node `id`'s monotonic clock run at `rate` times simulated time (default 1.0;
+    /// 0.5 to 2.0): its lease deadlines, its tasks' aborts and, when it leads, its session
+    /// expiries are measured with it. highlander's ownership guarantee assumes the drift
+    /// between two nodes over a session TTL stays below the lease margin (2.5 % with the
+    /// default timing); with more drift the invariant checker can catch two owners.
+    pub fn clock_rate(mut self, id: u64, rate: f64) -> Self {
+        self.clock_rates.insert(NodeId(id), rate);
+        self
+    }
+
     /// What each node runs at every start, e.g. its `singleton` registrations.
     pub fn setup<F, Fut>(mut self, setup: F) -> Self
     where
@@ -107,13 +119,13 @@ impl SimClusterBuilder {
             observer: Arc::new(CheckerObserver { checker, origin }),
             origin,
             seed: self.seed,
+            memory: self.memory,
+            clock_rates: self.clock_rates,
+            zombies: Vec::new(),
+            wipes: BTreeMap::new(),
         };
         for id in cluster.peers.clone() {
-            let disk = if self.memory {
-                NodeDisk::Memory(MemStorage::new())
-            } else {
-                NodeDisk::Sim(SimFs::new(self.seed ^ id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
-            };
+            let disk = cluster.blank_disk(id);
             cluster.nodes.insert(id, SimNode { disk, node: None });
             cluster.boot(id).await?;
         }
@@ -162,6 +174,12 @@ pub struct SimCluster {
     observer: Arc<CheckerObserver>,
     origin: Instant,
     seed: u64,
+    memory: bool,
+    clock_rates: BTreeMap<NodeId, f64>,
+    /// Earlier processes of nodes that were started again elsewhere while they still ran.
+    zombies: Vec<Node>,
+    /// How many times each node's disk was replaced by a blank one.
+    wipes: BTreeMap<NodeId, u64>,
 }
 
 impl SimCluster {
@@ -239,6 +257,70 @@ impl SimCluster {
         }
     }
 
+    /// A blank disk for node `id`, different for each wipe.
+    fn blank_disk(&self, id: NodeId) -> NodeDisk {
+        if self.memory {
+            return NodeDisk::Memory(MemStorage::new());
+        }
+        let wipes = self.wipes.get(&id).copied().unwrap_or(0);
+        let seed = self.seed ^ id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ wipes.rotate_left(32);
+        NodeDisk::Sim(SimFs::new(seed))
+    }
+
+    /// Kills a node and gives it a blank disk, as if its machine lost its data directory (or
+    /// was replaced by a new one under the same id). [`restart`](Self::restart) it to bring
+    /// it back: it joins the cluster as new storage — a learner that catches up and then
+    /// votes in place of the lost one — never as the member it was.
+    pub async fn wipe(&mut self, id: impl Into<NodeId>) {
+        let id = id.into();
+        self.kill(id).await;
+        *self.wipes.entry(id).or_insert(0) += 1;
+        let disk = self.blank_disk(id);
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.disk = disk;
+        }
+    }
+
+    /// Starts another process for node `id` on a blank disk while the current one keeps
+    /// running, as an orchestrator does when it replaces an instance it believes dead (or as
+    /// an id configured twice would). The new process takes over the node's address: the old
+    /// one is cut off — nothing reaches it and nothing it sends arrives — but its tasks run
+    /// until it stops them itself. Both report their task events as node `id`, so the
+    /// invariant checker sees any overlap. Does not wait for the new process's session.
+    pub async fn start_replacement(&mut self, id: impl Into<NodeId>) -> Result<(), Error> {
+        let id = id.into();
+        let old = self.nodes.get_mut(&id).and_then(|n| n.node.take());
+        *self.wipes.entry(id).or_insert(0) += 1;
+        let disk = self.blank_disk(id);
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.disk = disk;
+        }
+        self.zombies.extend(old);
+        self.boot(id).await?;
+        let node = self.node(id).clone();
+        let setup = self.setup.clone();
+        let bound = self.timing.write_timeout * 20;
+        tokio::spawn(async move {
+            if node.ready(bound).await.is_ok()
+                && let Some(setup) = setup
+                && let Err(e) = setup(node.clone()).await
+            {
+                tracing::warn!(node = %node.id(), error = %e, "setup of the replacement failed");
+            }
+        });
+        Ok(())
+    }
+
+    /// Earlier processes of nodes started again with [`start_replacement`](Self::start_replacement).
+    pub fn replaced_processes(&self) -> &[Node] {
+        &self.zombies
+    }
+
+    /// Sets node `id`'s clock rate for its next start (see [`SimClusterBuilder::clock_rate`]).
+    pub fn set_clock_rate(&mut self, id: impl Into<NodeId>, rate: f64) {
+        self.clock_rates.insert(id.into(), rate);
+    }
+
     /// Shuts a node down gracefully (it hands its keys over first).
     pub async fn shutdown(&mut self, id: impl Into<NodeId>) {
         let id = id.into();
@@ -295,6 +377,7 @@ impl SimCluster {
             .limits(self.limits)
             .storage(storage)
             .clock(SimClock { origin: self.origin })
+            .clock_rate(self.clock_rates.get(&id).copied().unwrap_or(1.0))
             .observer(self.observer.clone())
             .start()
             .await?;
@@ -417,8 +500,12 @@ impl SimCluster {
         }
     }
 
-    /// Stops every running node gracefully.
+    /// Stops every running node gracefully (and kills earlier processes left running by
+    /// [`start_replacement`](Self::start_replacement)).
     pub async fn shutdown_all(&mut self) {
+        for zombie in std::mem::take(&mut self.zombies) {
+            zombie.kill().await;
+        }
         for id in self.running() {
             self.shutdown(id).await;
         }
