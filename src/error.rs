@@ -146,6 +146,13 @@ pub enum Error {
     /// elsewhere, or its id is configured twice): this one stopped.
     #[error("superseded: {0}")]
     Superseded(String),
+    /// This node's storage is no longer a member of the cluster (removed, or replaced by newer
+    /// storage of the node): it stopped. Start it on an empty data directory to join again.
+    #[error("removed from the cluster: {0}")]
+    Removed(String),
+    /// A membership change was refused; the text says why and what to do.
+    #[error("membership: {0}")]
+    Membership(String),
     /// The state machine refused the command for a reason not listed above.
     #[error("refused: {0}")]
     Rejected(Rejection),

@@ -122,15 +122,18 @@ pub(crate) async fn confirm_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Pen
                         let applied = shared.applied.read();
                         batch
                             .iter()
-                            .map(|p| {
-                                if applied.state.sessions.contains_key(&p.session)
-                                    && table.may_renew(p.session)
-                                    && !applied.state.is_superseded(p.session)
+                            .map(|p| match applied.state.sessions.get(&p.session) {
+                                // Its storage left the membership: it no longer gets the log.
+                                Some(s) if !shared.raft.has_member(s.storage) => {
+                                    KeepAliveReply::Removed
+                                }
+                                Some(_)
+                                    if table.may_renew(p.session)
+                                        && !applied.state.is_superseded(p.session) =>
                                 {
                                     KeepAliveReply::Renewed
-                                } else {
-                                    KeepAliveReply::SessionEnded
                                 }
+                                _ => KeepAliveReply::SessionEnded,
                             })
                             .collect()
                     }

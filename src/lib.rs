@@ -70,7 +70,10 @@ pub use clock::{SystemClock, WallClock};
 pub use config::{Timing, TimingError};
 pub use error::{ConfigError, Error};
 pub use file_config::NodeConfig;
-pub use highlander_core::wire::{KeyReport, OwnerReport, SessionReport, StatusReport};
+pub use highlander_core::wire::{
+    KeyReport, MemberReport, MembershipReport, NetworkReport, OverrunReport, OwnerReport, Phase,
+    SessionReport, StatusReport,
+};
 pub use highlander_core::{
     IntoKey, Key, KeyError, KeyKind, KeySpec, Limits, Message, NodeId, Payload, Rejection, Seq,
     SessionId, Token, Transport, TransportError,

@@ -14,7 +14,10 @@ use crate::session;
 use crate::supervisor::{self, SupervisorCommand};
 use crate::task::{BoxedHandler, Lease, TaskContext, TaskOptions, TaskResult, box_handler};
 use crate::watchdog::NodeWatch;
-use highlander_core::wire::{NetworkReport, Phase, Request, Response, StatusReport, WriteRefusal};
+use highlander_core::wire::{
+    MembershipReport, MembershipRequest, NetworkReport, Phase, Request, Response, StatusReport,
+    WriteRefusal,
+};
 use highlander_core::{
     BoxFuture, ClientId, Command, IntoKey, Key, KeySpec, Limits, Millis, NodeId, Outcome, Payload,
     Rejection, RequestHandler, RequestId, Seq, SessionId, Transport,
@@ -177,6 +180,7 @@ impl Shared {
             applied_index: applied.last_applied.map(|l| l.index).unwrap_or(0),
             members: self.raft.members(),
             learners: self.raft.learners(),
+            voting: self.raft.is_voter(),
             member: self.raft.member(),
             phase: Some(phase),
             lease_left_ms,
@@ -826,6 +830,43 @@ impl Node {
     /// with its owners, tokens and queue depth, as of the last entry applied here.
     pub fn status(&self) -> StatusReport {
         self.shared.status()
+    }
+
+    /// The Raft membership as the leader reports it: which storage of each node votes, which
+    /// only replicates the log (learners), how far each has caught up and when each last
+    /// answered the leader.
+    pub async fn membership(&self) -> Result<MembershipReport, Error> {
+        self.check_running()?;
+        membership::ask_leader(&self.shared, MembershipRequest::List).await
+    }
+
+    /// Makes `node` a voter: its newest storage, which must have joined as a learner (a node
+    /// started on empty storage joins as one by itself). A logged joint-consensus change
+    /// through the leader, safe with a minority of nodes down.
+    pub async fn add_member(&self, node: impl Into<NodeId>) -> Result<MembershipReport, Error> {
+        self.check_running()?;
+        let node = node.into();
+        membership::ask_leader(&self.shared, MembershipRequest::Add { node }).await
+    }
+
+    /// Removes every storage of `node` from the membership, voter or learner. A process of it
+    /// that still runs is told at its next keepalive and stops; to bring the node back, start
+    /// it on an empty data directory (it joins as a learner) and [`add_member`](Self::add_member)
+    /// it. Refused if it would leave the cluster without a voter.
+    pub async fn remove_member(&self, node: impl Into<NodeId>) -> Result<MembershipReport, Error> {
+        self.check_running()?;
+        let node = node.into();
+        membership::ask_leader(&self.shared, MembershipRequest::Remove { node }).await
+    }
+
+    /// Makes `node`'s newest storage (a new disk or machine, joined as a learner) the voter
+    /// in place of its older one, now. The leader does this by itself once the older storage
+    /// has been silent for a session TTL and the new one has caught up; this is for when the
+    /// operator knows the old one is gone for good.
+    pub async fn replace_member(&self, node: impl Into<NodeId>) -> Result<MembershipReport, Error> {
+        self.check_running()?;
+        let node = node.into();
+        membership::ask_leader(&self.shared, MembershipRequest::Replace { node }).await
     }
 
     /// The fencing tokens of the slots this node's session owns, as applied here.

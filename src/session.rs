@@ -248,6 +248,17 @@ async fn keep_alive(shared: &Arc<Shared>, session: SessionId) {
                 warn!(node = %shared.id, %session, "session ended by the cluster; stopping its tasks");
                 return;
             }
+            KeepAliveReply::Removed => {
+                let e = Error::Removed(format!(
+                    "the storage of node {} is no longer a member of the cluster (removed, or \
+                     replaced by newer storage of the node); start it on an empty data \
+                     directory to join again",
+                    shared.id.0
+                ));
+                warn!(node = %shared.id, %session, error = %e, "stopping");
+                shared.set_fatal(e);
+                return;
+            }
             KeepAliveReply::NotLeader { leader: Some(l) } if Some(l) != target => {
                 redirect = Some(l);
                 next = clock.now();

@@ -375,6 +375,17 @@ impl RaftNode {
         self.inner.server.borrow().membership_config.membership().get_node(&me).is_some()
     }
 
+    /// Whether `member` is in the membership this node knows (voter or learner).
+    pub(crate) fn has_member(&self, member: u64) -> bool {
+        self.inner.server.borrow().membership_config.membership().get_node(&member).is_some()
+    }
+
+    /// Whether this node's storage votes.
+    pub(crate) fn is_voter(&self) -> bool {
+        let Some(me) = self.member() else { return false };
+        self.inner.server.borrow().membership_config.membership().voter_ids().any(|v| v == me)
+    }
+
     /// Whether this node knows any membership: its storage has been part of a cluster.
     pub(crate) fn knows_a_cluster(&self) -> bool {
         self.member().is_some()

@@ -6,6 +6,8 @@
 //! - `highlander status` asks a running node, over QUIC with the cluster's credentials from a
 //!   `node.toml`, for its leader, term, members, sessions, and every key's owners, fencing
 //!   tokens and queue depth; as a table, or as JSON with `--json`.
+//! - `highlander members list | add | remove | replace` shows and changes which storage of
+//!   each node votes, through the leader (a replaced machine, a removed or added node).
 //! - `highlander wal verify` and `highlander wal dump` check and print a stopped node's data
 //!   directory.
 //! - `highlander check-config` reads a `node.toml` as a node would and says what it means.
@@ -16,6 +18,7 @@
 mod args;
 mod certs;
 mod check;
+mod members;
 mod status;
 mod wal;
 
@@ -30,6 +33,10 @@ Commands:
   certs init     make a cluster CA (ca.pem, ca.key)
   certs issue    issue a node certificate signed by the CA
   status         ask a running node for the cluster's state (owners, tokens, queues)
+  members list   the Raft members: which storage of each node votes, which only learns
+  members add    make a node that joined as a learner a voter
+  members remove remove a node from the membership (safe with it down)
+  members replace  make a node's new storage the voter in place of its old one
   wal verify     check a stopped node's data directory
   wal dump       print the Raft log of a stopped node's data directory
   check-config   check a node.toml and print what it means
@@ -44,6 +51,10 @@ static COMMANDS: &[(&[&str], &Command, Run)] = &[
     (&["certs", "init"], &certs::INIT, certs::init),
     (&["certs", "issue"], &certs::ISSUE, certs::issue),
     (&["status"], &status::STATUS, status::status),
+    (&["members", "list"], &members::LIST, members::list),
+    (&["members", "add"], &members::ADD, members::add),
+    (&["members", "remove"], &members::REMOVE, members::remove),
+    (&["members", "replace"], &members::REPLACE, members::replace),
     (&["wal", "verify"], &wal::VERIFY, wal::verify),
     (&["wal", "dump"], &wal::DUMP, wal::dump),
     (&["check-config"], &check::CHECK_CONFIG, check::check_config),
@@ -78,7 +89,8 @@ fn run(args: &[String]) -> Result<(), CliError> {
             println!("highlander {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        [group @ ("certs" | "wal"), "-h" | "--help"] | ["help", group @ ("certs" | "wal")] => {
+        [group @ ("certs" | "wal" | "members"), "-h" | "--help"]
+        | ["help", group @ ("certs" | "wal" | "members")] => {
             println!("{}", group_usage(group));
             Ok(())
         }
@@ -117,7 +129,7 @@ fn find<'a>(words: &'a [&'a str]) -> Option<(&'static Command, Run, &'a [&'a str
 fn unknown(words: &[&str]) -> CliError {
     let message = match words {
         [] => "no command given".to_string(),
-        [group @ ("certs" | "wal")] => {
+        [group @ ("certs" | "wal" | "members")] => {
             let subs: Vec<&str> = COMMANDS
                 .iter()
                 .filter(|(name, _, _)| name[0] == *group)
@@ -125,7 +137,7 @@ fn unknown(words: &[&str]) -> CliError {
                 .collect();
             format!("`highlander {group}` needs a subcommand: {}", subs.join(" or "))
         }
-        [group @ ("certs" | "wal"), sub, ..] => {
+        [group @ ("certs" | "wal" | "members"), sub, ..] => {
             format!("unknown subcommand {sub:?} of `highlander {group}`")
         }
         [first, ..] => format!("unknown command {first:?}"),

@@ -243,3 +243,122 @@ async fn wal_verify_and_dump_read_a_data_dir_and_find_a_flipped_byte() {
     assert!(r.stderr.contains("not a highlander data directory"), "{r:?}");
     assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
 }
+
+/// Starts node `id` of the cluster again from its node.toml (on whatever its data
+/// directory now holds), on its old address.
+async fn start_again(c: &Cluster, id: NodeId) -> Node {
+    let config = NodeConfig::from_file(&c.configs[&id]).unwrap();
+    // The old process's socket closes with its shutdown; retry the bind briefly.
+    // Free once every handle of the old process is dropped; allow its tasks a moment.
+    let mut socket = None;
+    for _ in 0..500 {
+        if let Ok(s) = UdpSocket::bind(c.addrs[&id]) {
+            socket = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let transport = QuicTransport::from_socket(config.quic_config(), socket.unwrap()).unwrap();
+    let mut builder = Node::builder()
+        .id(id)
+        .peers(config.peers.keys().copied())
+        .transport(transport)
+        .timing(config.timing);
+    if let Some(d) = &config.data_dir {
+        builder = builder.data_dir(d);
+    }
+    builder.start().await.unwrap()
+}
+
+/// The member rows of `highlander members list --json`: (node, member id, voter).
+async fn members(config: &str) -> Vec<(u64, u64, bool)> {
+    let r = highlander_async(&["members", "list", "--config", config, "--json"]).await.expect(0);
+    let report: highlander::MembershipReport = serde_json::from_str(&r.stdout).expect("JSON");
+    report.members.iter().map(|m| (m.node.0, m.member, m.voter)).collect()
+}
+
+/// A machine replaced under the same id (an empty data directory), then a node removed and
+/// added back, all through `highlander members`, on a real cluster over QUIC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_replace_remove_and_add_a_node_through_the_leader() {
+    let mut c = cluster(3, true).await;
+    let config1 = c.configs[&NodeId(1)].to_str().unwrap().to_string();
+    let config1 = config1.as_str();
+    assert_eq!(members(config1).await, [(1, 1, true), (2, 2, true), (3, 3, true)]);
+    let r = highlander_async(&["members", "list", "--config", config1]).await.expect(0);
+    println!("highlander members list:\n{}", r.stdout);
+    assert!(r.stdout.starts_with("leader n"), "{r:?}");
+
+    // Node 3's machine is replaced: same id, an empty data directory. It joins as a learner.
+    c.nodes.remove(&NodeId(3)).unwrap().shutdown().await;
+    std::fs::remove_dir_all(c.dir.path().join("data-3")).unwrap();
+    let n3 = start_again(&c, NodeId(3)).await;
+    let mut joined = None;
+    for _ in 0..2000 {
+        let m = members(config1).await;
+        if let Some(&(_, member, false)) = m.iter().find(|(n, member, _)| *n == 3 && *member != 3) {
+            joined = Some(member);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let new3 = joined.expect("node 3's new storage joins as a learner");
+    assert!(new3 >= 1 << 63, "a fresh member id: {new3:#x}");
+    // The operator knows the old machine is gone: replace now rather than after a TTL.
+    let r = highlander_async(&["members", "replace", "--config", config1, "--node", "3"])
+        .await
+        .expect(0);
+    println!("highlander members replace --node 3:\n{}", r.stdout);
+    assert_eq!(members(config1).await, [(1, 1, true), (2, 2, true), (3, new3, true)]);
+    n3.ready(Duration::from_secs(20)).await.expect("the new node 3 opens a session");
+    c.nodes.insert(NodeId(3), n3);
+
+    // Removed while it runs: it is told, and stops.
+    let r = highlander_async(&["members", "remove", "--config", config1, "--node", "3"])
+        .await
+        .expect(0);
+    println!("highlander members remove --node 3:\n{}", r.stdout);
+    assert_eq!(members(config1).await, [(1, 1, true), (2, 2, true)]);
+    let n3 = c.nodes.remove(&NodeId(3)).unwrap();
+    let mut stopped = None;
+    for _ in 0..2000 {
+        if let Err(e) = n3.send("anything", "x").await
+            && matches!(e, highlander::Error::Removed(_))
+        {
+            stopped = Some(e);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("the removed node says: {}", stopped.expect("the removed node stops"));
+    n3.kill().await;
+    drop(n3);
+
+    // Added back: on an empty data directory it joins as a learner, then `add` makes it vote.
+    std::fs::remove_dir_all(c.dir.path().join("data-3")).unwrap();
+    let n3 = start_again(&c, NodeId(3)).await;
+    let r = loop {
+        let r = highlander_async(&["members", "add", "--config", config1, "--node", "3"]).await;
+        if r.code == 0 || !r.stderr.contains("no storage in the cluster") {
+            break r.expect(0);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!("highlander members add --node 3:\n{}", r.stdout);
+    let m = members(config1).await;
+    assert_eq!(m.len(), 3, "{m:?}");
+    assert!(m.iter().all(|(_, _, voter)| *voter), "{m:?}");
+    n3.ready(Duration::from_secs(20)).await.expect("node 3 is back");
+
+    // Usage errors: no --node, a node outside the peer list.
+    let r = highlander_async(&["members", "add", "--config", config1]).await.expect(2);
+    assert!(r.stderr.contains("--node"), "{r:?}");
+    let r = highlander_async(&["members", "remove", "--config", config1, "--node", "9"])
+        .await
+        .expect(2);
+    assert!(r.stderr.contains("--node 9"), "{r:?}");
+    n3.kill().await;
+    for node in c.nodes.values() {
+        node.kill().await;
+    }
+}

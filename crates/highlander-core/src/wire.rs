@@ -201,6 +201,11 @@ pub enum KeepAliveReply {
     SessionEnded,
     /// The leader could not confirm its leadership in time; try again.
     Unconfirmed,
+    /// The session's storage is no longer a Raft member (removed, or replaced by newer
+    /// storage of the node): it no longer receives the log, so the node must stop. Said only
+    /// by a leader that has just confirmed its leadership. The session is not renewed and
+    /// expires after its TTL.
+    Removed,
 }
 
 /// A node's report of the cluster as it has applied it.
@@ -218,6 +223,8 @@ pub struct StatusReport {
     pub members: Vec<NodeId>,
     /// The members that replicate the log without voting.
     pub learners: Vec<NodeId>,
+    /// Whether this node's storage votes.
+    pub voting: bool,
     /// This node's Raft member id (its storage's), once decided.
     pub member: Option<u64>,
     /// Where this node's storage stands in the cluster.
