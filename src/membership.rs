@@ -475,6 +475,49 @@ pub(crate) async fn serve(
     Ok(shared.raft.membership_report())
 }
 
+/// Sends a membership request to the leader (this node, or the one it redirects to) until
+/// it is served or the write timeout passes.
+pub(crate) async fn ask_leader(
+    shared: &Shared,
+    request: MembershipRequest,
+) -> Result<MembershipReport, Error> {
+    let deadline = Instant::now() + shared.timing.write_timeout;
+    let mut target = shared.raft.leader_hint();
+    let mut last;
+    loop {
+        let answer = match target {
+            Some(t) if t == shared.id => serve(shared, shared.id, request.clone()).await,
+            Some(t) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match shared.transport.request(t, Request::Membership(request.clone()), left).await
+                {
+                    Ok(Response::Membership(answer)) => answer,
+                    Ok(other) => Err(MembershipRefusal::Unavailable(format!(
+                        "unexpected answer: {}",
+                        crate::raft::response_kind(&other)
+                    ))),
+                    Err(e) => Err(MembershipRefusal::Unavailable(e.to_string())),
+                }
+            }
+            None => Err(MembershipRefusal::NotLeader { leader: None }),
+        };
+        match answer {
+            Ok(report) => return Ok(report),
+            Err(MembershipRefusal::Invalid(why)) => return Err(Error::Membership(why)),
+            Err(MembershipRefusal::NotLeader { leader: Some(l) }) if Some(l) != target => {
+                target = Some(l);
+                continue;
+            }
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() >= deadline || shared.is_stopping() {
+            return Err(Error::Unavailable(format!("membership request not served: {last}")));
+        }
+        pause(shared, shared.timing.heartbeat * 2).await;
+        target = shared.raft.leader_hint();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,48 +563,5 @@ mod tests {
             members: vec![m(1, 1, true, 5, Some(0)), m(4, JOINED_MEMBER_BASE, false, 5, Some(0))],
         };
         assert_eq!(replacement(&report, |_| true), None);
-    }
-}
-
-/// Sends a membership request to the leader (this node, or the one it redirects to) until
-/// it is served or the write timeout passes.
-pub(crate) async fn ask_leader(
-    shared: &Shared,
-    request: MembershipRequest,
-) -> Result<MembershipReport, Error> {
-    let deadline = Instant::now() + shared.timing.write_timeout;
-    let mut target = shared.raft.leader_hint();
-    let mut last;
-    loop {
-        let answer = match target {
-            Some(t) if t == shared.id => serve(shared, shared.id, request.clone()).await,
-            Some(t) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match shared.transport.request(t, Request::Membership(request.clone()), left).await
-                {
-                    Ok(Response::Membership(answer)) => answer,
-                    Ok(other) => Err(MembershipRefusal::Unavailable(format!(
-                        "unexpected answer: {}",
-                        crate::raft::response_kind(&other)
-                    ))),
-                    Err(e) => Err(MembershipRefusal::Unavailable(e.to_string())),
-                }
-            }
-            None => Err(MembershipRefusal::NotLeader { leader: None }),
-        };
-        match answer {
-            Ok(report) => return Ok(report),
-            Err(MembershipRefusal::Invalid(why)) => return Err(Error::Membership(why)),
-            Err(MembershipRefusal::NotLeader { leader: Some(l) }) if Some(l) != target => {
-                target = Some(l);
-                continue;
-            }
-            Err(e) => last = e.to_string(),
-        }
-        if Instant::now() >= deadline || shared.is_stopping() {
-            return Err(Error::Unavailable(format!("membership request not served: {last}")));
-        }
-        pause(shared, shared.timing.heartbeat * 2).await;
-        target = shared.raft.leader_hint();
     }
 }
