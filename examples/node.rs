@@ -68,6 +68,7 @@
 //! --data-dir PATH        keep the Raft log on disk (without it: memory, and the node must
 //!                        never be restarted under the same id)
 //! --fast                 Timing::fast(): session TTL 500 ms
+//! --fail-stop            exit (code 70) if a task still runs after its lease deadline
 //! --key NAME             the singleton key to host (default: demo)
 //! --no-stdin             read no commands (run under a service manager; stop with SIGTERM)
 //! --generate-secret PATH write a fresh cluster secret to PATH (mode 0600) and exit
@@ -77,7 +78,9 @@
 //!
 //! Commands, one per line on stdin: `send <key> <text>` (the text is the rest of the line),
 //! `status`, `pause` / `resume` (this node's handler stops / resumes taking messages, so they
-//! stay queued), `shutdown` (graceful: hands the singleton over first), `help`. End of stdin
+//! stay queued), `block <ms>` (this node's handler blocks its thread in synchronous code for
+//! that long, as a stuck handler would), `shutdown` (graceful: hands the singleton over
+//! first), `help`. End of stdin
 //! also shuts the node down gracefully, so a node whose parent died does not linger.
 //!
 //! Events, one per line on stdout: an event name, then `name=value` fields; a value is bare or,
@@ -90,7 +93,8 @@
 //! delivered key=demo seq=3 token=7 text="hello"
 //! stopped key=demo token=7                   the handler returned (asked to stop)
 //! sent key=demo seq=3 text="hello"           a `send` was committed on a quorum
-//! status id=1 leader=2 term=4 applied=31 members=1,2,3 sessions=3
+//! blocking key=demo token=7 ms=5000         the handler blocks its thread (`block`)
+//! status id=1 leader=2 term=4 applied=31 members=1,2,3 sessions=3 lease_ms=1800 overruns=0
 //! owner key=demo slot=0 node=1 token=7 queued=0 candidates=1,2,3
 //! paused | resumed
 //! error op=send key=demo text="hello" reason="..."
@@ -160,6 +164,7 @@ struct Args {
     secret_file: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     fast: bool,
+    fail_stop: bool,
     key: Option<String>,
     no_stdin: bool,
     generate_secret: Option<PathBuf>,
@@ -213,10 +218,11 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--data-dir" => args.data_dir = Some(value("--data-dir")?.into()),
             "--key" => args.key = Some(value("--key")?),
             "--generate-secret" => args.generate_secret = Some(value("--generate-secret")?.into()),
-            "--fast" | "--no-stdin" if inline.is_some() => {
+            "--fast" | "--no-stdin" | "--fail-stop" if inline.is_some() => {
                 return Err(format!("{flag} takes no value"));
             }
             "--fast" => args.fast = true,
+            "--fail-stop" => args.fail_stop = true,
             "--no-stdin" => args.no_stdin = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
@@ -230,6 +236,7 @@ struct Setup {
     config: NodeConfig,
     key: String,
     no_stdin: bool,
+    fail_stop: bool,
 }
 
 fn setup(args: Args) -> Result<Setup, String> {
@@ -283,7 +290,7 @@ fn setup(args: Args) -> Result<Setup, String> {
     if let Some(dir) = args.data_dir {
         config.data_dir = Some(dir);
     }
-    Ok(Setup { config, key, no_stdin: args.no_stdin })
+    Ok(Setup { config, key, no_stdin: args.no_stdin, fail_stop: args.fail_stop })
 }
 
 fn generate_secret(path: &PathBuf) -> Result<(), String> {
@@ -354,7 +361,7 @@ enum Exit {
 }
 
 async fn run(setup: Setup) -> ExitCode {
-    let Setup { config, key, no_stdin } = setup;
+    let Setup { config, key, no_stdin, fail_stop } = setup;
     let id = config.id;
     let timing = match config.timing {
         t if t == Timing::standard() => "standard",
@@ -363,7 +370,7 @@ async fn run(setup: Setup) -> ExitCode {
     };
     let storage = if config.data_dir.is_some() { "disk" } else { "memory" };
     let node = match NodeBuilder::from_config(&config) {
-        Ok(builder) => builder.start().await,
+        Ok(builder) => builder.fail_stop(fail_stop).start().await,
         Err(e) => Err(e),
     };
     let node = match node {
@@ -377,15 +384,17 @@ async fn run(setup: Setup) -> ExitCode {
     emit!("listening id={} addr={} storage={storage} timing={timing}", id.0, config.listen);
     if config.data_dir.is_none() {
         tracing::warn!(
-            "no --data-dir: the Raft log is in memory; never restart this node under id {} \
-             (a voter that forgets its vote or log breaks Raft)",
+            "no --data-dir: the Raft log is in memory; a restart of node {} joins the cluster \
+             as new storage",
             id.0
         );
     }
 
     let (pause_tx, pause_rx) = watch::channel(false);
+    let (block_tx, block_rx) = watch::channel((0u64, 0u64));
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<()>(1);
-    let bring_up = tokio::spawn(bring_up(node.clone(), key, pause_rx, fatal_tx));
+    let controls = Controls { paused: pause_rx, block: block_rx };
+    let bring_up = tokio::spawn(bring_up(node.clone(), key, controls, fatal_tx));
     let mut commands = if no_stdin { None } else { Some(read_stdin()) };
     let mut signals = Signals::install();
 
@@ -394,7 +403,7 @@ async fn run(setup: Setup) -> ExitCode {
             line = recv_line(&mut commands) => match line {
                 None => break Exit::Eof,
                 Some(line) => {
-                    if let Some(exit) = command(&node, &pause_tx, line.trim()) {
+                    if let Some(exit) = command(&node, &pause_tx, &block_tx, line.trim()) {
                         break exit;
                     }
                 }
@@ -424,8 +433,15 @@ async fn run(setup: Setup) -> ExitCode {
     if matches!(exit, Exit::Fatal) { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
+/// What stdin commands tell the handler: pause, and block (a request number and how long).
+#[derive(Clone)]
+struct Controls {
+    paused: watch::Receiver<bool>,
+    block: watch::Receiver<(u64, u64)>,
+}
+
 /// Waits for a session (peers may start minutes apart), then registers the singleton.
-async fn bring_up(node: Node, key: String, paused: watch::Receiver<bool>, fatal: mpsc::Sender<()>) {
+async fn bring_up(node: Node, key: String, controls: Controls, fatal: mpsc::Sender<()>) {
     let id = node.id().0;
     let mut waited = 0u32;
     loop {
@@ -443,8 +459,8 @@ async fn bring_up(node: Node, key: String, paused: watch::Receiver<bool>, fatal:
         }
     }
     loop {
-        let p = paused.clone();
-        let result = node.singleton(key.as_str(), move |ctx| demo(ctx, p.clone())).await;
+        let c = controls.clone();
+        let result = node.singleton(key.as_str(), move |ctx| demo(ctx, c.clone())).await;
         match result {
             Ok(()) => break,
             // No quorum right now, or the outcome is unknown: registering again is harmless
@@ -468,10 +484,13 @@ async fn bring_up(node: Node, key: String, paused: watch::Receiver<bool>, fatal:
 }
 
 /// The demo singleton: says when it starts and stops, and prints every message it handles.
-async fn demo(mut ctx: TaskContext, mut paused: watch::Receiver<bool>) {
+async fn demo(mut ctx: TaskContext, controls: Controls) {
+    let Controls { mut paused, mut block } = controls;
     let key = key_field(ctx.key().as_str());
     let token = ctx.token().0;
     emit!("started key={key} token={token} node={}", ctx.node_id().0);
+    // Only block requests made after this start count.
+    block.borrow_and_update();
     loop {
         if *paused.borrow() {
             tokio::select! {
@@ -480,7 +499,18 @@ async fn demo(mut ctx: TaskContext, mut paused: watch::Receiver<bool>) {
             }
         }
         // Asking for the next message acknowledges the previous one.
-        let Some(message) = ctx.recv().await else { break };
+        let message = tokio::select! {
+            m = ctx.recv() => m,
+            Ok(()) = block.changed() => {
+                let ms = block.borrow_and_update().1;
+                emit!("blocking key={key} token={token} ms={ms}");
+                // Synchronous code that never yields: cancellation and abort cannot stop it.
+                std::thread::sleep(Duration::from_millis(ms));
+                emit!("unblocked key={key} token={token}");
+                continue;
+            }
+        };
+        let Some(message) = message else { break };
         let text = String::from_utf8_lossy(message.payload.as_bytes());
         emit!("delivered key={key} seq={} token={token} text={}", message.seq.0, quoted(&text));
     }
@@ -488,7 +518,12 @@ async fn demo(mut ctx: TaskContext, mut paused: watch::Receiver<bool>) {
 }
 
 /// Runs one stdin command; returns `Some` when the node should leave.
-fn command(node: &Node, pause: &watch::Sender<bool>, line: &str) -> Option<Exit> {
+fn command(
+    node: &Node,
+    pause: &watch::Sender<bool>,
+    block: &watch::Sender<(u64, u64)>,
+    line: &str,
+) -> Option<Exit> {
     let (verb, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
     match verb {
         "" => {}
@@ -525,10 +560,19 @@ fn command(node: &Node, pause: &watch::Sender<bool>, line: &str) -> Option<Exit>
             pause.send_replace(false);
             emit!("resumed");
         }
+        "block" => match rest.trim().parse::<u64>() {
+            Ok(ms) => {
+                block.send_modify(|(n, m)| {
+                    *n += 1;
+                    *m = ms;
+                });
+            }
+            Err(_) => emit!("error op=command reason={}", quoted("usage: block <ms>")),
+        },
         "shutdown" | "quit" | "exit" => return Some(Exit::Command),
         "help" => emit!(
             "help commands={}",
-            quoted("send <key> <text> | status | pause | resume | shutdown")
+            quoted("send <key> <text> | status | pause | resume | block <ms> | shutdown")
         ),
         other => emit!(
             "error op=command reason={}",
@@ -541,13 +585,15 @@ fn command(node: &Node, pause: &watch::Sender<bool>, line: &str) -> Option<Exit>
 fn status(node: &Node) {
     let s = node.status();
     let leader = s.leader.map_or("none".to_string(), |l| l.0.to_string());
+    let lease = s.lease_left_ms.map_or("none".to_string(), |ms| ms.to_string());
     emit!(
-        "status id={} leader={leader} term={} applied={} members={} sessions={}",
+        "status id={} leader={leader} term={} applied={} members={} sessions={} lease_ms={lease} overruns={}",
         node.id().0,
         s.term,
         s.applied_index,
         id_list(s.members.iter().copied()),
-        s.sessions.len()
+        s.sessions.len(),
+        s.overruns_total
     );
     for k in &s.keys {
         for (slot, owner) in k.owners.iter().enumerate() {

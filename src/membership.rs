@@ -8,9 +8,9 @@
 //! - **Restart** (the storage has an identity, or a log from before identities existed): the
 //!   storage is the member it was. Nothing to ask.
 //! - **First start** (empty storage, *every* peer answers, none is a member): the cluster
-//!   does not exist yet. The node records that it bootstraps as member `node id` and, once a
-//!   quorum of peers has recorded the same, forms the cluster with the static peer list —
-//!   every node with the same list, as today. Because a storage records this before it takes
+//!   does not exist yet. The node records that it bootstraps as member `node id` and, once
+//!   every peer has recorded the same, forms the cluster with the static peer list — every
+//!   node with the same list, as before. Because a storage records this before it takes
 //!   part in Raft, and no storage re-takes its node's first member id once any peer is a
 //!   member, a node that lost its disk can never come back as the member it was.
 //! - **Rejoin** (empty storage, some peer is a member): the cluster exists. The node takes a
@@ -107,10 +107,17 @@ pub(crate) async fn run(
         }
     };
     let fail_stop = async {
-        let why = shared.raft.stopped().await;
-        if !shared.is_stopping() {
-            warn!(node = %shared.id, reason = %why, "raft stopped: the node stops");
-            shared.set_fatal(Error::Stopped(format!("raft stopped: {why}")));
+        tokio::select! {
+            why = shared.raft.stopped() => {
+                if !shared.is_stopping() {
+                    warn!(node = %shared.id, reason = %why, "raft stopped: the node stops");
+                    shared.set_fatal(Error::Stopped(format!("raft stopped: {why}")));
+                }
+            }
+            // A node that cannot go on (removed, superseded, storage lost) stops its Raft
+            // too: a storage that left the membership would otherwise keep calling elections
+            // with ever higher terms (openraft 0.9 has no pre-vote).
+            () = shared.fatal_stop() => shared.raft.shutdown().await,
         }
     };
     let peer_list: Vec<NodeId> = peers.iter().copied().collect();
@@ -241,8 +248,10 @@ async fn pause(shared: &Shared, d: Duration) {
     }
 }
 
-/// Forms the cluster once a quorum of peers (this node included) has recorded that it
-/// bootstraps, unless a leader has reached this node first.
+/// Forms the cluster once every peer has recorded that it bootstraps (or is a member
+/// already), unless a leader has reached this node first. Waiting for every peer, not a
+/// quorum, keeps a slower peer from finding the cluster formed before it decided: it would
+/// join as new storage and leave its first member id a voter that nobody runs.
 async fn bootstrap(shared: &Shared, peers: &BTreeSet<NodeId>) {
     loop {
         if shared.is_stopping() || shared.raft.knows_a_cluster() {
@@ -254,7 +263,7 @@ async fn bootstrap(shared: &Shared, peers: &BTreeSet<NodeId>) {
             .flatten()
             .filter(|a| matches!(a.phase, Phase::Bootstrapping | Phase::Member))
             .count();
-        if ready * 2 > peers.len() {
+        if ready == peers.len() {
             match shared.raft.initialize(peers).await {
                 Ok(()) => info!(node = %shared.id, "cluster formed from the static peer list"),
                 Err(e) => warn!(node = %shared.id, error = %e, "initialize failed"),
@@ -266,13 +275,15 @@ async fn bootstrap(shared: &Shared, peers: &BTreeSet<NodeId>) {
     shared.boot.set(Phase::Member);
 }
 
-/// Asks the leader to add this storage as a learner until the membership holds it.
+/// Asks the leader to add this storage as a learner until the membership this node has
+/// applied holds it: a change the leader appended but lost with its leadership before it
+/// committed does not count, however it looks in this node's own log.
 async fn join(shared: &Shared, member: u64, peers: &BTreeSet<NodeId>) {
     let others: Vec<NodeId> = peers.iter().copied().filter(|p| *p != shared.id).collect();
     let mut turn = 0usize;
     let mut next: Option<NodeId> = None;
     let mut logged = false;
-    while !shared.is_stopping() && !shared.raft.is_member() {
+    while !shared.is_stopping() && !shared.member_in_applied_config() {
         let target = next.take().or_else(|| shared.raft.leader_hint()).or_else(|| {
             turn = turn.wrapping_add(1);
             others.get(turn % others.len().max(1)).copied()
@@ -322,6 +333,12 @@ async fn promote_replacements(shared: &Shared) {
         let Some((_, since)) = leading_since else { continue };
         let report = shared.raft.membership_report();
         if report.changing {
+            // Left joint by a leader that lost its leadership half-way through a change.
+            if since.elapsed() >= shared.timing.election_max
+                && let Err(e) = shared.raft.finish_joint_change(shared.timing.write_timeout).await
+            {
+                warn!(node = %shared.id, error = %e, "completing a membership change failed");
+            }
             continue;
         }
         let ttl = shared.timing.session_ttl;
@@ -403,6 +420,8 @@ pub(crate) async fn serve(
         return Ok(shared.raft.membership_report());
     }
     let timeout = shared.timing.write_timeout;
+    // A change left half-way by an earlier leader is completed before the next one.
+    shared.raft.finish_joint_change(timeout).await?;
     match request {
         MembershipRequest::List => unreachable!("answered above"),
         MembershipRequest::Join { member } => {

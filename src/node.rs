@@ -103,6 +103,13 @@ impl Shared {
         self.lease.subscribe()
     }
 
+    /// Whether this node's storage is in the membership it has applied (committed): it is,
+    /// or was until a removal it has not applied yet, a member that receives the log.
+    pub(crate) fn member_in_applied_config(&self) -> bool {
+        let Some(me) = self.raft.member() else { return false };
+        self.applied.read().membership.membership().get_node(&me).is_some()
+    }
+
     /// The next registration epoch: registrations and withdrawals of a key are ordered by
     /// it, so one that lands late cannot undo a newer one.
     pub(crate) fn next_epoch(&self) -> u64 {
@@ -132,6 +139,14 @@ impl Shared {
 
     fn fatal(&self) -> Option<Error> {
         self.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Resolves once the node has failed for good (not when it merely shuts down).
+    pub(crate) async fn fatal_stop(&self) {
+        self.stopping().await;
+        if self.fatal().is_none() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// The report `status` returns and peers get for [`Request::Status`].
@@ -430,14 +445,16 @@ impl NodeBuilder {
     }
 
     /// Starts the node: opens (and locks) its storage, serves the transport, and starts its
-    /// loops. It returns at once; the node opens its session when a quorum of peers is up
-    /// (see [`Node::ready`]).
+    /// loops. It returns at once; the node opens its session once it reaches a quorum (see
+    /// [`Node::ready`]).
     ///
-    /// On empty storage the node first asks its peers where they stand: if none is part of a
-    /// cluster and all answer, they form one together (every node's first start); if one is,
-    /// this node joins it as a new member (a node whose storage was lost or replaced never
-    /// comes back as the Raft member it was). Fails at once if the storage cannot be opened
-    /// (locked by another process, damaged, or another node's).
+    /// On empty storage the node first asks its peers where they stand. On the cluster's
+    /// first start every node is empty: they form the cluster together once every peer has
+    /// started and answered (a first start waits for all; a restart needs only a quorum).
+    /// If some peer is already part of a cluster, this node joins it as new storage, a
+    /// learner first: a node whose storage was lost or replaced never comes back as the
+    /// Raft member it was. Fails at once if the storage cannot be opened (locked by another
+    /// process, damaged, or another node's).
     pub async fn start(self) -> Result<Node, Error> {
         let Validated { id, peers, transport } = self.validate()?;
         let storage = self.storage.unwrap_or_else(|| Storage::Memory(MemStorage::new()));

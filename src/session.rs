@@ -248,6 +248,12 @@ async fn keep_alive(shared: &Arc<Shared>, session: SessionId) {
                 warn!(node = %shared.id, %session, "session ended by the cluster; stopping its tasks");
                 return;
             }
+            KeepAliveReply::Removed if !shared.member_in_applied_config() => {
+                // Not a member yet (its join was lost with a leader): it gets no log, so it
+                // acts for nothing until it has joined.
+                warn!(node = %shared.id, %session, "not a member of the cluster yet: ending the session until the storage has joined");
+                return;
+            }
             KeepAliveReply::Removed => {
                 let e = Error::Removed(format!(
                     "the storage of node {} is no longer a member of the cluster (removed, or \

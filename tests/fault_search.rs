@@ -1,8 +1,11 @@
 //! A randomized fault search: every seed derives a schedule of kills, restarts, graceful
-//! shutdowns, partitions (two-way and one-way) and lossy, slow or duplicating links, runs it
-//! on a simulated cluster with the invariant checker watching every event, then stops the
-//! faults and checks liveness: every key is owned again and every acknowledged message is
-//! delivered within a bound.
+//! shutdowns, partitions (two-way and one-way), lossy, slow or duplicating links, lost disks,
+//! a second process of a node started on new storage while the first still runs, nodes
+//! removed from the membership and added back, and withdrawals whose callers give up at any
+//! point; each node's clock runs at its own rate, within the lease margin. The schedule runs
+//! on a simulated cluster with the invariant checker watching every event; then the faults
+//! stop and liveness is checked: every node votes again, every key is owned again and every
+//! acknowledged message is delivered within a bound.
 //!
 //! `HIGHLANDER_SIM_SEEDS=n` runs n seeds (default 500), `HIGHLANDER_SIM_SEED=s` replays one.
 //! A failing seed prints `SIM_SEED=s` and its schedule. The schedule is a pure function of the
@@ -68,11 +71,20 @@ enum Step {
         key: usize,
         count: u64,
     },
-    /// Unregister a singleton on a node, then register it again.
+    /// Unregister a singleton on a node (its caller giving up after `cut_ms`, if set), then
+    /// register it again at once.
     Withdraw {
         node: u64,
         key: usize,
+        cut_ms: Option<u64>,
     },
+    /// The node loses its disk and comes back on an empty one.
+    Wipe(u64),
+    /// Another process of the node starts on a new disk; the first runs on, cut off.
+    Replace(u64),
+    /// The node is removed from the membership (it stops), then comes back on an empty disk
+    /// and is added again.
+    Readd(u64),
     Wait(u64),
 }
 
@@ -95,9 +107,15 @@ impl fmt::Display for Step {
             Step::Send { from, key, count } => {
                 write!(f, "send {count} to {} from n{from}", key_name(*key))
             }
-            Step::Withdraw { node, key } => {
+            Step::Withdraw { node, key, cut_ms: None } => {
                 write!(f, "withdraw n{node} from {}", withdrawable(*key))
             }
+            Step::Withdraw { node, key, cut_ms: Some(cut) } => {
+                write!(f, "withdraw n{node} from {}, given up after {cut} ms", withdrawable(*key))
+            }
+            Step::Wipe(n) => write!(f, "wipe n{n}'s disk"),
+            Step::Replace(n) => write!(f, "start n{n} again on a new disk, the old one cut off"),
+            Step::Readd(n) => write!(f, "remove n{n} from the membership and add it back"),
             Step::Wait(ms) => write!(f, "wait {ms} ms"),
         }
     }
@@ -111,6 +129,9 @@ fn key_name(i: usize) -> &'static str {
 #[derive(Debug, PartialEq)]
 struct Schedule {
     nodes: u64,
+    /// Each node's clock rate, in parts per million off 1.0: within ±0.8 %, so two clocks
+    /// drift apart by at most 1.6 % of a TTL, below the 2.5 % lease margin.
+    clock_ppm: Vec<i64>,
     steps: Vec<Step>,
 }
 
@@ -119,6 +140,7 @@ impl Schedule {
         let mut rng = Rng(seed);
         let nodes = if rng.chance(20) { 5 } else { 3 };
         let ids: Vec<u64> = (1..=nodes).collect();
+        let clock_ppm = ids.iter().map(|_| rng.below(16_001) as i64 - 8_000).collect();
         let mut steps = Vec::new();
         let count = 10 + rng.below(10);
         for _ in 0..count {
@@ -158,23 +180,33 @@ impl Schedule {
                     key: rng.below(KEYS.len() as u64 + 1) as usize,
                     count: 1 + rng.below(5),
                 },
-                85..=90 => Step::Withdraw {
+                85..=89 => Step::Withdraw {
                     node: 1 + rng.below(nodes),
                     key: rng.below(KEYS.len() as u64 + 1) as usize,
+                    cut_ms: rng.chance(60).then(|| 1 + rng.below(800)),
                 },
+                90..=92 => Step::Wipe(1 + rng.below(nodes)),
+                93..=94 => Step::Replace(1 + rng.below(nodes)),
+                95 => Step::Readd(1 + rng.below(nodes)),
                 _ => Step::Wait(rng.below(3000)),
             };
             steps.push(step);
             // Time passes between faults, sometimes more than a session TTL.
             steps.push(Step::Wait(50 + rng.below(2500)));
         }
-        Schedule { nodes, steps }
+        Schedule { nodes, clock_ppm, steps }
+    }
+
+    fn clock_rate(&self, node: u64) -> f64 {
+        1.0 + self.clock_ppm[node as usize - 1] as f64 / 1e6
     }
 }
 
 impl fmt::Display for Schedule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{} nodes", self.nodes)?;
+        let rates: Vec<String> =
+            (1..=self.nodes).map(|n| format!("n{n} {:.4}", self.clock_rate(n))).collect();
+        writeln!(f, "{} nodes, clock rates {}", self.nodes, rates.join(", "))?;
         for s in &self.steps {
             writeln!(f, "  {s}")?;
         }
@@ -187,9 +219,11 @@ async fn run_seed(seed: u64) -> Result<String, String> {
     let schedule = Schedule::of(seed);
     let journal = Journal::default();
     let j = journal.clone();
-    let mut sim = SimCluster::builder()
-        .nodes(schedule.nodes)
-        .seed(seed)
+    let mut builder = SimCluster::builder().nodes(schedule.nodes).seed(seed);
+    for n in 1..=schedule.nodes {
+        builder = builder.clock_rate(n, schedule.clock_rate(n));
+    }
+    let mut sim = builder
         .setup(move |node| {
             let j = j.clone();
             async move {
@@ -207,6 +241,7 @@ async fn run_seed(seed: u64) -> Result<String, String> {
 
     let mut serial = 0u64;
     let mut acknowledged = 0u64;
+    let mut disks = Disks::default();
     let trace = std::env::var("HIGHLANDER_SIM_TRACE").is_ok();
     for step in &schedule.steps {
         if trace {
@@ -265,13 +300,16 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                     }
                 }
             }
-            Step::Withdraw { node, key } => {
+            Step::Withdraw { node, key, cut_ms } => {
                 let Some(n) = sim.try_node(*node).cloned() else { continue };
                 let name = withdrawable(*key);
                 // Each may fail under faults (no quorum, a stopping node, the slot not released
                 // in time); what matters is that no two owners ever overlap, which the checker
-                // sees, and that the key is owned again in the liveness phase.
-                let _ = tokio::time::timeout(Duration::from_secs(3), n.unregister(name)).await;
+                // sees, and that the key is owned again in the liveness phase. A caller that
+                // gives up early leaves its withdrawal in flight: it must not undo the
+                // registration that follows.
+                let cut = cut_ms.map_or(Duration::from_secs(3), Duration::from_millis);
+                let _ = tokio::time::timeout(cut, n.unregister(name)).await;
                 let register = async {
                     if name == STUBBORN {
                         n.singleton(name, journal.stubborn()).await
@@ -280,6 +318,45 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                     }
                 };
                 let _ = tokio::time::timeout(Duration::from_secs(3), register).await;
+            }
+            Step::Wipe(n) => {
+                if disks.may_lose_one(&sim) {
+                    disks.counts[0] += 1;
+                    sim.wipe(*n).await;
+                    sim.restart_in_background(*n)
+                        .await
+                        .map_err(|e| format!("restart n{n}: {e}"))?;
+                    disks.replaced(*n);
+                }
+            }
+            Step::Replace(n) => {
+                if disks.may_lose_one(&sim) && sim.try_node(*n).is_some() {
+                    disks.counts[1] += 1;
+                    sim.start_replacement(*n).await.map_err(|e| format!("replace n{n}: {e}"))?;
+                    disks.replaced(*n);
+                }
+            }
+            Step::Readd(n) => {
+                // Only with every node up: a removal needs a quorum of the new voter set too.
+                let all_up = sim.running().len() as u64 == schedule.nodes;
+                if all_up && disks.may_lose_one(&sim) {
+                    let via = sim.ids().into_iter().find(|id| id.0 != *n).unwrap();
+                    let via = sim.node(via).clone();
+                    // Whether or not the removal completes in time (it may still complete),
+                    // the node comes back on an empty disk: as new storage that the leader
+                    // promotes in place of the old one, or, if the removal went through, as a
+                    // learner added back below.
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), via.remove_member(*n)).await;
+                    {
+                        disks.counts[2] += 1;
+                        sim.wipe(*n).await;
+                        sim.restart_in_background(*n)
+                            .await
+                            .map_err(|e| format!("restart n{n}: {e}"))?;
+                        disks.removed(*n);
+                    }
+                }
             }
             Step::Wait(ms) => sim.run_for(Duration::from_millis(*ms)).await,
         }
@@ -297,7 +374,43 @@ async fn run_seed(seed: u64) -> Result<String, String> {
             sim.restart_in_background(id).await.map_err(|e| format!("restart {id}: {e}"))?;
         }
     }
+    // Every node's current storage votes again: removed nodes are added back; replaced
+    // storage is promoted by the leader once the old one has been silent for a TTL.
     let bound = Timing::default().session_ttl * 3 + Duration::from_secs(10);
+    let voting = sim
+        .wait_until(bound * 2, |s| {
+            s.ids().iter().all(|id| s.try_node(*id).is_some_and(|n| n.status().voting))
+        })
+        .await;
+    if voting.is_none() {
+        for id in disks.readd.clone() {
+            if let Some(n) = sim.try_node(id).cloned() {
+                let _ = tokio::time::timeout(Duration::from_secs(10), n.add_member(id)).await;
+            }
+        }
+    }
+    let voting = sim
+        .wait_until(bound * 2, |s| {
+            s.ids().iter().all(|id| s.try_node(*id).is_some_and(|n| n.status().voting))
+        })
+        .await;
+    if voting.is_none() {
+        let states: Vec<String> = sim
+            .ids()
+            .iter()
+            .map(|id| match sim.try_node(*id) {
+                Some(n) => {
+                    let st = n.status();
+                    format!(
+                        "{id}: voting {} phase {:?} warnings {:?}",
+                        st.voting, st.phase, st.warnings
+                    )
+                }
+                None => format!("{id}: down"),
+            })
+            .collect();
+        return Err(format!("liveness: not every node votes again: {}", states.join("; ")));
+    }
     // Owned again means: a task runs for every slot, on a running node, with the token the
     // cluster's state gives that slot.
     let owned = sim
@@ -346,12 +459,41 @@ async fn run_seed(seed: u64) -> Result<String, String> {
         return Err(lines.join("\n"));
     }
     sim.shutdown_all().await;
+    let [wiped, replaced, readded] = disks.counts;
     Ok(format!(
-        "faults {:.1}s, owned again {} ms after, {acknowledged} acknowledged, {} starts",
+        "faults {:.1}s, owned again {} ms after, {acknowledged} acknowledged, {} starts, \
+         {wiped} disks lost, {replaced} processes replaced, {readded} nodes removed and added",
         faults_end.as_secs_f64(),
         took.as_millis(),
         journal.entries().iter().filter(|e| matches!(e, common::Entry::Started { .. })).count()
     ))
+}
+
+/// Which nodes' storage the cluster lost, so that a schedule never loses a second disk before
+/// the first one's replacement votes (a majority of lost disks is a lost cluster, by design).
+#[derive(Default)]
+struct Disks {
+    pending: std::collections::BTreeSet<u64>,
+    /// Nodes removed and brought back: the liveness phase adds them if the step could not.
+    readd: std::collections::BTreeSet<u64>,
+    /// Disks lost, processes replaced, nodes removed, as run (the guard skips some).
+    counts: [u32; 3],
+}
+
+impl Disks {
+    fn may_lose_one(&mut self, sim: &SimCluster) -> bool {
+        self.pending.retain(|n| !sim.try_node(*n).is_some_and(|node| node.status().voting));
+        self.pending.is_empty()
+    }
+
+    fn replaced(&mut self, node: u64) {
+        self.pending.insert(node);
+    }
+
+    fn removed(&mut self, node: u64) {
+        self.pending.insert(node);
+        self.readd.insert(node);
+    }
 }
 
 fn run_one(seed: u64) -> Result<String, String> {

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 /// seconds; this leaves room for a loaded 2-core machine.
 const WAIT: Duration = Duration::from_secs(40);
 const KEY: &str = "demo";
+/// The session TTL of the standard timing the nodes run with.
+const TTL: Duration = Duration::from_secs(2);
 
 /// The two tests start three processes each; run them one after the other so they do not
 /// compete for the machine's cores.
@@ -142,6 +144,8 @@ struct Proc {
 /// also when the test panics (and then prints what the nodes said).
 struct Cluster {
     exe: PathBuf,
+    /// Arguments every node gets besides its id, peers, secret and data directory.
+    extra: Vec<String>,
     dir: tempfile::TempDir,
     ports: BTreeMap<u64, u16>,
     procs: BTreeMap<u64, Proc>,
@@ -172,6 +176,10 @@ fn free_ports(n: usize) -> Vec<u16> {
 
 impl Cluster {
     fn start(n: u64) -> Cluster {
+        Cluster::start_with(n, &[])
+    }
+
+    fn start_with(n: u64, extra: &[&str]) -> Cluster {
         let exe = node_exe();
         let dir = tempfile::tempdir().expect("temp dir");
         let secret = ClusterSecret::generate().expect("random secret");
@@ -179,6 +187,7 @@ impl Cluster {
         let ports = (1..=n).zip(free_ports(n as usize)).collect();
         let mut cluster = Cluster {
             exe,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             dir,
             ports,
             procs: BTreeMap::new(),
@@ -218,6 +227,7 @@ impl Cluster {
             .arg(self.dir.path().join("cluster.secret"))
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("data-{id}")))
+            .args(&self.extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log);
@@ -231,6 +241,9 @@ impl Cluster {
                 let (name, fields) = parse_event(&line);
                 events.push(Event { at: Instant::now(), node: id, life, name, fields });
             }
+            // The process closed its stdout: it has exited (or is about to).
+            let fields = BTreeMap::new();
+            events.push(Event { at: Instant::now(), node: id, life, name: "eof".into(), fields });
         });
         self.procs.insert(id, Proc { child, stdin });
     }
@@ -240,6 +253,72 @@ impl Cluster {
         let mut p = self.procs.remove(&id).expect("a running node");
         p.child.kill().expect("SIGKILL");
         p.child.wait().expect("reap");
+    }
+
+    /// Sends a signal (`STOP`, `CONT`) to node `id`'s process.
+    fn signal(&self, id: u64, signal: &str) {
+        let pid = self.procs[&id].child.id().to_string();
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(&pid).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
+    }
+
+    /// Waits until node `id`'s current process has exited, reaps it, and returns its exit code.
+    fn wait_exit(&mut self, id: u64) -> Option<i32> {
+        let life = self.life(id);
+        self.events.wait("the process to exit", |events| {
+            events.iter().any(|e| e.node == id && e.life == life && e.name == "eof").then_some(())
+        });
+        let mut p = self.procs.remove(&id).expect("a running node");
+        p.child.wait().expect("reap").code()
+    }
+
+    /// The leader node `via` reports.
+    fn leader(&mut self, via: u64) -> u64 {
+        let from = self.len();
+        self.command(via, "status");
+        self.events.wait("a status line naming a leader", |events| {
+            events[from..]
+                .iter()
+                .find(|e| e.name == "status" && e.node == via)
+                .and_then(|e| e.num("leader"))
+        })
+    }
+
+    /// Sends batches of messages through `via` for at least `period`, each batch waiting for
+    /// its acknowledgements; returns every text acknowledged.
+    fn send_for(&mut self, via: &[u64], prefix: &str, period: Duration) -> Vec<String> {
+        let start = Instant::now();
+        let mut sent = Vec::new();
+        let mut round = 0;
+        while start.elapsed() < period {
+            let batch = texts(&format!("{prefix}{round}"), 4);
+            self.send_all(via, &batch);
+            sent.extend(batch);
+            round += 1;
+        }
+        sent
+    }
+
+    /// Checks what every process printed: no message was taken under a token once a larger
+    /// token of the key had started (one owner at every moment the test can observe).
+    fn assert_one_owner_at_a_time(&self) {
+        let mut newest = 0u64;
+        for e in self.events.snapshot() {
+            match e.name.as_str() {
+                "started" => newest = newest.max(e.num("token").unwrap_or(0)),
+                "delivered" => {
+                    let token = e.num("token").unwrap_or(0);
+                    assert!(
+                        token >= newest,
+                        "n{}/{} took {:?} under t{token} after t{newest} had started",
+                        e.node,
+                        e.life,
+                        e.text()
+                    );
+                }
+                _ => {}
+            }
+        }
     }
 
     fn command(&mut self, id: u64, line: &str) {
@@ -480,6 +559,105 @@ fn a_cluster_whose_processes_are_all_killed_comes_back_with_its_singleton_and_me
             "{text:?} was not delivered after the restart"
         );
     }
+}
+
+/// Item 8 of the safety issue: the owner's process is stopped (SIGSTOP) for three session
+/// TTLs while messages keep coming, then continued. Another node must take the key over only
+/// after the old lease ran out, the resumed process must take no message and do nothing under
+/// its old token, and every acknowledged message must be delivered.
+#[test]
+fn a_paused_owner_does_nothing_under_its_old_token_after_resuming() {
+    let _serial = serial();
+    let mut c = Cluster::start(3);
+    c.wait_ready();
+    let (owner, token, _) = c.wait_started("a first owner", 0, |_| true);
+    let others: Vec<u64> = c.ids().into_iter().filter(|n| *n != owner).collect();
+    let mut sent = texts("before", 8);
+    c.send_all(&c.ids(), &sent);
+    c.wait_delivered(&sent);
+
+    let from = c.len();
+    c.signal(owner, "STOP");
+    let paused = Instant::now();
+    sent.extend(c.send_for(&others, "paused", TTL * 3));
+    let (new_owner, new_token, _) = c.wait_started("a new owner", from, |e| e.node != owner);
+    assert!(new_token > token);
+    eprintln!("n{owner} (t{token}) paused; n{new_owner} took over with t{new_token}");
+    c.signal(owner, "CONT");
+    let resumed = c.len();
+    eprintln!("resumed after {} ms", paused.elapsed().as_millis());
+    sent.extend(c.send_for(&c.ids(), "resumed", TTL));
+    c.wait_delivered(&sent);
+
+    let events = c.events.snapshot();
+    let after: Vec<&Event> = events[resumed..]
+        .iter()
+        .filter(|e| e.node == owner && e.life == 1 && e.num("token") == Some(token))
+        .collect();
+    assert!(
+        after.iter().all(|e| e.name != "delivered"),
+        "the resumed owner took messages under its old token: {after:?}"
+    );
+    c.assert_one_owner_at_a_time();
+}
+
+/// The same with the leader stopped: keys stay off the leader's node, so the owner keeps its
+/// lease through the election; nothing is lost, and the resumed leader disturbs nothing.
+#[test]
+fn a_paused_leader_loses_nothing_and_gives_no_key_two_owners() {
+    let _serial = serial();
+    let mut c = Cluster::start(3);
+    c.wait_ready();
+    c.wait_started("a first owner", 0, |_| true);
+    let leader = c.leader(1);
+    let others: Vec<u64> = c.ids().into_iter().filter(|n| *n != leader).collect();
+    let mut sent = texts("before", 8);
+    c.send_all(&c.ids(), &sent);
+
+    c.signal(leader, "STOP");
+    sent.extend(c.send_for(&others, "paused", TTL * 3));
+    c.signal(leader, "CONT");
+    sent.extend(c.send_for(&c.ids(), "resumed", TTL));
+    c.wait_delivered(&sent);
+    c.assert_one_owner_at_a_time();
+}
+
+/// Finding 7 of the safety audit: a handler blocked in synchronous code cannot be aborted and
+/// used to outlive its lease with only a log line to show for it. With `--fail-stop` the
+/// watchdog ends the process (exit code 70) half a lease margin after the deadline, before
+/// anyone else can own the key; the key then moves on with a larger token.
+#[test]
+fn a_handler_stuck_past_its_lease_makes_a_fail_stop_node_exit() {
+    let _serial = serial();
+    let mut c = Cluster::start_with(3, &["--fail-stop"]);
+    c.wait_ready();
+    let (owner, token, _) = c.wait_started("a first owner", 0, |_| true);
+    let others: Vec<u64> = c.ids().into_iter().filter(|n| *n != owner).collect();
+    let from = c.len();
+    c.command(owner, "block 30000");
+    c.events.wait("the handler to block", |events| {
+        events[from..].iter().any(|e| e.node == owner && e.name == "blocking").then_some(())
+    });
+    // The others stop answering: the owner's lease lapses while its handler is stuck.
+    for &o in &others {
+        c.signal(o, "STOP");
+    }
+    let stopped = Instant::now();
+    let code = c.wait_exit(owner);
+    eprintln!(
+        "n{owner} exited with {code:?} {} ms after its peers stopped",
+        stopped.elapsed().as_millis()
+    );
+    for &o in &others {
+        c.signal(o, "CONT");
+    }
+    assert_eq!(code, Some(highlander::FAIL_STOP_EXIT_CODE));
+    let log = std::fs::read_to_string(c.dir.path().join(format!("node-{owner}.log"))).unwrap();
+    assert!(log.contains("still running after the lease deadline"), "{log}");
+    let (next, next_token, _) = c.wait_started("a new owner", from, |e| e.node != owner);
+    assert!(next_token > token);
+    eprintln!("n{next} runs it with t{next_token}");
+    c.assert_one_owner_at_a_time();
 }
 
 #[test]

@@ -27,7 +27,7 @@ use openraft::error::{
     ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InitializeError, RaftError,
 };
 use openraft::metrics::RaftServerMetrics;
-use openraft::raft::{VoteRequest, VoteResponse};
+use openraft::raft::VoteRequest;
 use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -369,21 +369,18 @@ impl RaftNode {
         nodes.into_iter().collect()
     }
 
-    /// Whether this node's storage is in the membership this node knows (voter or learner).
-    pub(crate) fn is_member(&self) -> bool {
-        let Some(me) = self.member() else { return false };
-        self.inner.server.borrow().membership_config.membership().get_node(&me).is_some()
-    }
-
     /// Whether `member` is in the membership this node knows (voter or learner).
     pub(crate) fn has_member(&self, member: u64) -> bool {
         self.inner.server.borrow().membership_config.membership().get_node(&member).is_some()
     }
 
-    /// Whether this node's storage votes.
+    /// Whether this node's storage votes in a membership that is not half-way through a
+    /// change (in a joint configuration a storage may vote in only one of its halves).
     pub(crate) fn is_voter(&self) -> bool {
         let Some(me) = self.member() else { return false };
-        self.inner.server.borrow().membership_config.membership().voter_ids().any(|v| v == me)
+        let m = self.inner.server.borrow();
+        let joint = m.membership_config.membership().get_joint_config();
+        joint.len() == 1 && joint[0].contains(&me)
     }
 
     /// Whether this node knows any membership: its storage has been part of a cluster.
@@ -589,11 +586,11 @@ impl RaftNode {
                 Ok(rpc) => reply(&raft.append_entries(rpc).await),
                 Err(e) => Response::Refused(format!("bad AppendEntries: {e}")),
             },
+            // Votes are granted on term and log alone, as Raft says: a voter whose view of the
+            // membership lags must still be able to elect a candidate that a newer
+            // configuration made a voter, or no leader could bring it up to date.
             RaftMessage::Vote(body) => match codec::decode::<VoteRequest<u64>>(body.as_bytes()) {
-                Ok(rpc) => match self.refuse_vote_of_non_voter(&rpc) {
-                    Some(refusal) => reply(&Ok::<_, openraft::error::RaftError<u64>>(refusal)),
-                    None => reply(&raft.vote(rpc).await),
-                },
+                Ok(rpc) => reply(&raft.vote(rpc).await),
                 Err(e) => Response::Refused(format!("bad Vote: {e}")),
             },
             RaftMessage::Snapshot(body) => match codec::decode(body.as_bytes()) {
@@ -601,24 +598,6 @@ impl RaftNode {
                 Err(e) => Response::Refused(format!("bad snapshot chunk: {e}")),
             },
         }
-    }
-
-    /// A candidate that is not a voter in the membership this node knows (a removed member,
-    /// or the lost storage of a node that has since joined again) gets no vote: without pre-
-    /// vote in openraft 0.9 its ever higher terms would depose every leader it reaches.
-    /// Refusing a vote never harms safety.
-    fn refuse_vote_of_non_voter(&self, rpc: &VoteRequest<u64>) -> Option<VoteResponse<u64>> {
-        let candidate = rpc.vote.leader_id().voted_for()?;
-        let raft = self.raft()?;
-        let metrics = raft.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership();
-        if membership.voter_ids().next().is_none() || membership.voter_ids().any(|v| v == candidate)
-        {
-            return None;
-        }
-        tracing::info!(node = %self.inner.id, candidate, "refusing the vote of a member that does not vote");
-        // Our applied log id: a candidate behind it waits longer before its next election.
-        Some(VoteResponse::new(metrics.vote, metrics.last_applied, false))
     }
 
     /// Takes one chunk of a snapshot from the leader; the last one installs it.
@@ -720,6 +699,27 @@ impl RaftNode {
         }
         let change = raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), false);
         membership_result(tokio::time::timeout(timeout, change).await)
+    }
+
+    /// Completes a joint configuration that no change is completing any more: openraft 0.9
+    /// leaves the cluster joint when the leader that began a change loses leadership before
+    /// its second step, and refuses further changes meanwhile. Returns whether there was one.
+    pub(crate) async fn finish_joint_change(
+        &self,
+        timeout: Duration,
+    ) -> Result<bool, MembershipRefusal> {
+        let raft = self.leading_raft()?;
+        let last = {
+            let metrics = raft.metrics().borrow().membership_config.clone();
+            let joint = metrics.membership().get_joint_config();
+            if joint.len() <= 1 {
+                return Ok(false);
+            }
+            joint.last().cloned().unwrap_or_default()
+        };
+        tracing::info!(node = %self.inner.id, voters = ?last, "completing an interrupted membership change");
+        let change = raft.change_membership(ChangeMembers::ReplaceAllVoters(last), false);
+        membership_result(tokio::time::timeout(timeout, change).await).map(|()| true)
     }
 
     /// Removes `members` from the membership altogether (voters must have left the voter set

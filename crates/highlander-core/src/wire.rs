@@ -201,10 +201,11 @@ pub enum KeepAliveReply {
     SessionEnded,
     /// The leader could not confirm its leadership in time; try again.
     Unconfirmed,
-    /// The session's storage is no longer a Raft member (removed, or replaced by newer
-    /// storage of the node): it no longer receives the log, so the node must stop. Said only
-    /// by a leader that has just confirmed its leadership. The session is not renewed and
-    /// expires after its TTL.
+    /// The session's storage is not a Raft member (removed, replaced by newer storage of the
+    /// node, or never added): it does not receive the log, so it must not act. A node whose
+    /// storage was a member stops; one that is still joining ends the session and joins
+    /// first. Said only by a leader that has just confirmed its leadership. The session is
+    /// not renewed and expires after its TTL.
     Removed,
 }
 
@@ -223,7 +224,7 @@ pub struct StatusReport {
     pub members: Vec<NodeId>,
     /// The members that replicate the log without voting.
     pub learners: Vec<NodeId>,
-    /// Whether this node's storage votes.
+    /// Whether this node's storage votes, in a membership no change is half-way through.
     pub voting: bool,
     /// This node's Raft member id (its storage's), once decided.
     pub member: Option<u64>,
