@@ -92,6 +92,15 @@ pub use highlander_quic as quic;
 /// The write-ahead log and snapshot files (and the file-system seam under them).
 pub use highlander_wal as wal;
 
+/// Entry points for the fuzz targets in `fuzz/`; not part of the API.
+#[doc(hidden)]
+pub mod __fuzz {
+    /// Decodes bytes as every Raft payload a node accepts from peers.
+    pub fn raft_payloads(bytes: &[u8]) {
+        crate::raft::decode_raft_payloads(bytes);
+    }
+}
+
 /// The README's examples, compiled as doctests so they stay true.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

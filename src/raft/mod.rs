@@ -801,3 +801,34 @@ mod tests {
         Suite::test_all(MemBuilder).unwrap();
     }
 }
+
+/// Decodes `bytes` as each payload a node accepts from peers inside Raft messages (requests,
+/// responses, snapshot chunks and their replies, snapshot data), and re-encodes and decodes
+/// again whatever decodes. Never panics on any input; for the fuzzer.
+pub(crate) fn decode_raft_payloads(bytes: &[u8]) {
+    use openraft::error::Fatal;
+    use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteResponse};
+    fn again<T: serde::Serialize + serde::de::DeserializeOwned>(value: T) {
+        let encoded = codec::encode(&value).expect("a decoded value encodes");
+        codec::decode::<T>(&encoded).expect("an encoded value decodes");
+    }
+    if let Ok(v) = codec::decode::<AppendEntriesRequest<TypeConfig>>(bytes) {
+        again(v);
+    }
+    if let Ok(v) = codec::decode::<VoteRequest<u64>>(bytes) {
+        again(v);
+    }
+    if let Ok(v) = codec::decode::<Result<AppendEntriesResponse<u64>, RaftError<u64>>>(bytes) {
+        again(v);
+    }
+    if let Ok(v) = codec::decode::<Result<VoteResponse<u64>, RaftError<u64>>>(bytes) {
+        again(v);
+    }
+    if let Ok(v) = codec::decode::<transfer::Chunk>(bytes) {
+        again(v);
+    }
+    if let Ok(v) = codec::decode::<Result<transfer::ChunkReply, Fatal<u64>>>(bytes) {
+        again(v);
+    }
+    store::decode_snapshot_data(bytes);
+}

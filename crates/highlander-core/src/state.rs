@@ -584,6 +584,48 @@ impl ClusterState {
         Outcome::Acked { head }
     }
 
+    /// Checks the token invariant for one applied command: every ownership `before` held that
+    /// `after` (the state once `command` was applied) no longer holds was ended by `command`
+    /// naming it — a `Release` with its token, the expiry of its session, or a new process
+    /// of its node on the same storage (which holds that storage's lock, so the old process is
+    /// gone). Anything else — a withdrawal, a graceful close, a process on other storage —
+    /// would hand a slot on while its owner may still run. Returns the first ownership ended
+    /// otherwise. Used by tests and the fuzzer.
+    pub fn ownerships_ended_by_name(
+        before: &ClusterState,
+        after: &ClusterState,
+        command: &Command,
+    ) -> Result<(), String> {
+        for (key, k) in &before.keys {
+            for (slot, owner) in k.slots.iter().enumerate() {
+                let Some(owner) = owner else { continue };
+                let still = after.owner(key, slot as u32).map(|o| (o.session, o.token));
+                if still == Some((owner.session, owner.token)) {
+                    continue;
+                }
+                let named = match command {
+                    Command::Release { key: k, slot: s, token, .. } => {
+                        k == key && *s as usize == slot && *token == owner.token
+                    }
+                    Command::ExpireSession { session, .. } => *session == owner.session,
+                    Command::OpenSession { client, storage, .. } => before
+                        .sessions
+                        .get(&owner.session)
+                        .is_some_and(|s| client.node == s.node() && *storage == s.storage),
+                    _ => false,
+                };
+                if !named {
+                    return Err(format!(
+                        "{command:?} ended the ownership of {key}/{slot} by {} ({}) without \
+                         naming it",
+                        owner.session, owner.token
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the state's internal consistency: every index agrees with what it indexes.
     /// Used by tests and the simulator; returns a description of the first disagreement.
     pub fn check_consistency(&self) -> Result<(), String> {

@@ -777,44 +777,6 @@ impl Model {
     }
 }
 
-// ---- The token invariant -------------------------------------------------------------------
-
-/// Every ownership `before` held that `after` no longer holds was ended by `command` naming
-/// it: a `Release` with its token, an expiry of its session, or a new process of its node on
-/// the same storage. Anything else (a withdrawal, a graceful close, a process on other
-/// storage) would hand a slot on while its owner may still run.
-fn check_ownerships_end_only_by_name(
-    before: &ClusterState,
-    after: &ClusterState,
-    command: &Command,
-) {
-    for (key, k) in &before.keys {
-        for (slot, owner) in k.slots.iter().enumerate() {
-            let Some(owner) = owner else { continue };
-            let still = after.owner(key, slot as u32).map(|o| (o.session, o.token));
-            if still == Some((owner.session, owner.token)) {
-                continue;
-            }
-            let session = &before.sessions[&owner.session];
-            let named = match command {
-                Command::Release { key: k, slot: s, token, .. } => {
-                    k == key && *s as usize == slot && *token == owner.token
-                }
-                Command::ExpireSession { session: s, .. } => *s == owner.session,
-                Command::OpenSession { client, storage, .. } => {
-                    client.node == session.node() && *storage == session.storage
-                }
-                _ => false,
-            };
-            assert!(
-                named,
-                "{command:?} ended the ownership of {key}/{slot} by {} ({}) without naming it",
-                owner.session, owner.token
-            );
-        }
-    }
-}
-
 // ---- The run -----------------------------------------------------------------------------
 
 struct Run {
@@ -886,7 +848,9 @@ impl Run {
             }
             _ => {}
         }
-        check_ownerships_end_only_by_name(&before, &self.state, &command);
+        if let Err(e) = ClusterState::ownerships_ended_by_name(&before, &self.state, &command) {
+            panic!("token invariant: {e}");
+        }
         self.check(&format!("{command:?}"));
         outcome
     }

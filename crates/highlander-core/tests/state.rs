@@ -1038,3 +1038,36 @@ fn a_key_registered_again_never_reuses_a_sequence_number() {
     assert_eq!(send(&mut st, "k", b"three", client(1, 1), 3), sent(3));
     consistent(&st);
 }
+
+/// The token invariant's check reports an ownership ended by a command that did not name
+/// it (what a withdrawal used to do), and accepts the commands that may end one.
+#[test]
+fn the_token_invariant_check_catches_an_unnamed_end() {
+    let mut st = ClusterState::new();
+    let a = open(&mut st, 1, 1, 0);
+    register(&mut st, a, "k", KeySpec::singleton());
+    let t = assign(&mut st, "k", 0, a);
+    // The state an Unregister that vacated the slot would have left.
+    let mut vacated = st.clone();
+    release(&mut vacated, "k", 0, t, false);
+    let unnamed = [
+        unregister_cmd(a, "k"),
+        Command::CloseSession { session: a },
+        open_on(1, 2, 0, 77),
+        release_cmd("k", 0, Token(t.0 + 1), false),
+    ];
+    for command in unnamed {
+        let e = ClusterState::ownerships_ended_by_name(&st, &vacated, &command).unwrap_err();
+        assert!(e.contains("without naming it"), "{e}");
+    }
+    let named = [
+        release_cmd("k", 0, t, false),
+        Command::ExpireSession { session: a, term: 0 },
+        open_on(1, 2, 0, disk(1)),
+    ];
+    for command in named {
+        ClusterState::ownerships_ended_by_name(&st, &vacated, &command).unwrap();
+    }
+    // Nothing ended: nothing to name.
+    ClusterState::ownerships_ended_by_name(&st, &st, &unregister_cmd(a, "k")).unwrap();
+}

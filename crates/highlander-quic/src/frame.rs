@@ -14,6 +14,9 @@
 //! [`Response`](highlander_core::wire::Response) frame. Every length is checked against its
 //! limit before anything is allocated, and bytes after the frame are refused.
 
+use highlander_core::Payload;
+use highlander_core::codec::{self, MAX_FRAME_BYTES, MAX_SNAPSHOT_BYTES};
+use highlander_core::wire::{RaftMessage, Request, Response};
 use quinn::{ReadError, RecvStream, SendStream, VarInt};
 use std::time::Duration;
 
@@ -95,6 +98,62 @@ pub(crate) async fn read_exact(
         }
     }
     Ok(())
+}
+
+/// What the first five bytes of a request stream announce: its kind and its body length,
+/// checked against the kind's limit before anything is allocated.
+pub(crate) fn request_header(head: [u8; 5]) -> Result<(u8, usize), ReadFail> {
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let limit = match head[0] {
+        KIND_FRAME => MAX_FRAME_BYTES,
+        KIND_SNAPSHOT => MAX_SNAPSHOT_BYTES,
+        other => return Err(ReadFail::Malformed(format!("unknown stream kind {other}"))),
+    };
+    if len > limit {
+        return Err(ReadFail::TooLarge { len, limit });
+    }
+    Ok((head[0], len))
+}
+
+/// Decodes the whole byte stream of one request as a node's server does (header, limit,
+/// the member a snapshot is for, body, nothing after), without a network. The server reads
+/// streams piece by piece under timeouts with the same rules; this is for fuzzing and tools.
+pub fn decode_request_stream(bytes: &[u8]) -> Result<Request, String> {
+    let head: [u8; 5] =
+        bytes.get(..5).and_then(|h| h.try_into().ok()).ok_or("fewer than 5 header bytes")?;
+    let (kind, len) = request_header(head).map_err(|e| format!("{e:?}"))?;
+    let rest = &bytes[5..];
+    let (to, body) = if kind == KIND_SNAPSHOT {
+        let to: [u8; 8] =
+            rest.get(..8).and_then(|t| t.try_into().ok()).ok_or("no member id for a snapshot")?;
+        (Some(u64::from_be_bytes(to)), &rest[8..])
+    } else {
+        (None, rest)
+    };
+    if body.len() != len {
+        return Err(format!("the header says {len} bytes, the stream has {}", body.len()));
+    }
+    match to {
+        Some(to) => {
+            Ok(Request::Raft { to, message: RaftMessage::Snapshot(Payload::from(body.to_vec())) })
+        }
+        None => codec::decode::<Request>(body).map_err(|e| e.to_string()),
+    }
+}
+
+/// Decodes the whole byte stream of one response as a node's client does: a length within
+/// the frame limit, that many bytes of one response, nothing after.
+pub fn decode_response_stream(bytes: &[u8]) -> Result<Response, String> {
+    let len: [u8; 4] = bytes.get(..4).and_then(|l| l.try_into().ok()).ok_or("no length")?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(format!("{len} bytes exceed the frame limit"));
+    }
+    let body = &bytes[4..];
+    if body.len() != len {
+        return Err(format!("the length says {len} bytes, the stream has {}", body.len()));
+    }
+    codec::decode::<Response>(body).map_err(|e| e.to_string())
 }
 
 /// Waits for the end of the stream; any byte before it is an error.

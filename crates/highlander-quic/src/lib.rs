@@ -53,6 +53,7 @@ pub use config::{
     ClusterSecret, ConfigError, Identity, Limits, MIN_SECRET_CHARS, MIN_SECRET_DISTINCT_CHARS,
     QuicConfig, SecretError, Timeouts,
 };
+pub use frame::{decode_request_stream, decode_response_stream};
 pub use pki::{
     CaPem, CertError, DEFAULT_CA_VALIDITY_DAYS, DEFAULT_NODE_VALIDITY_DAYS, NODE_NAME_SUFFIX,
     NodeCertPem, cert_node_id, generate_ca, issue_node_cert, node_id_from_name, node_name,

@@ -1081,12 +1081,9 @@ impl Inner {
         let idle = self.timeouts.stream_idle;
         let mut head = [0u8; 5];
         frame::read_exact(recv, &mut head, idle).await?;
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        match head[0] {
+        let (kind, len) = frame::request_header(head)?;
+        match kind {
             KIND_FRAME => {
-                if len > MAX_FRAME_BYTES {
-                    return Err(ReadFail::TooLarge { len, limit: MAX_FRAME_BYTES });
-                }
                 // `len` fits in u32: it came from one.
                 let budget = self.frame_budget.clone().acquire_many_owned(len as u32);
                 let permit = match tokio::time::timeout(idle, budget).await {
@@ -1102,9 +1099,6 @@ impl Inner {
                 Ok((request, Some(permit)))
             }
             KIND_SNAPSHOT => {
-                if len > MAX_SNAPSHOT_BYTES {
-                    return Err(ReadFail::TooLarge { len, limit: MAX_SNAPSHOT_BYTES });
-                }
                 let mut member = [0u8; 8];
                 frame::read_exact(recv, &mut member, idle).await?;
                 let slot = self.snapshot_slots.clone().acquire_owned();
