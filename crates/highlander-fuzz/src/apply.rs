@@ -127,7 +127,7 @@ impl Run {
             6 => {
                 let slot = u32::from(input.byte() % 3);
                 let token = self.token(&key, slot, input.byte());
-                Command::Release { key, slot, token, hand_over: input.byte() % 2 == 0 }
+                Command::Release { key, slot, token, hand_over: input.byte().is_multiple_of(2) }
             }
             7 => {
                 let slot = u32::from(input.byte() % 3);
