@@ -120,11 +120,14 @@ pub(crate) async fn confirm_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Pen
                 match guard.as_ref() {
                     Some(table) if Some(table.term()) == term_before => {
                         let applied = shared.applied.read();
+                        // The committed membership: a change still on its way (that may yet
+                        // be lost with this leadership) decides nothing.
+                        let members = applied.membership.membership();
                         batch
                             .iter()
                             .map(|p| match applied.state.sessions.get(&p.session) {
-                                // Its storage left the membership: it no longer gets the log.
-                                Some(s) if !shared.raft.has_member(s.storage) => {
+                                // Its storage is not a member: it does not get the log.
+                                Some(s) if members.get_node(&s.storage).is_none() => {
                                     KeepAliveReply::Removed
                                 }
                                 Some(_)

@@ -16,7 +16,7 @@
 //! # Guarantees and their assumption
 //!
 //! - A key slot never has two running owners at the same instant, assuming only that clock
-//!   rates drift by less than [`Timing::lease_margin`] over a session TTL (1% by default).
+//!   rates drift by less than [`Timing::lease_margin`] over a session TTL (2.5 % by default).
 //!   Network delays, partitions, crashes and leader changes do not break it.
 //! - A message whose [`Node::send`] returned is delivered at least once, in per-key order,
 //!   to the key's owner, across owner crashes and leader changes.

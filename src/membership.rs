@@ -50,8 +50,12 @@ pub(crate) struct BootState {
 }
 
 impl BootState {
-    pub(crate) fn new() -> BootState {
-        BootState { phase: watch::channel(Phase::Blank).0 }
+    /// Where storage with this identity and contents stands, known before the node serves
+    /// anything: a peer asking must never hear "blank" from storage that holds a log, or a
+    /// node that lost its disk could take its first member id again while the cluster's
+    /// other nodes restart (a power loss across the cluster).
+    pub(crate) fn new(node: u64, identity: Option<Identity>, blank: bool) -> BootState {
+        BootState { phase: watch::channel(initial_phase(node, identity, blank)).0 }
     }
 
     pub(crate) fn phase(&self) -> Phase {
@@ -60,6 +64,16 @@ impl BootState {
 
     fn set(&self, phase: Phase) {
         self.phase.send_replace(phase);
+    }
+}
+
+/// The phase of storage with this identity and contents, before anything has run.
+fn initial_phase(node: u64, identity: Option<Identity>, blank: bool) -> Phase {
+    match (blank, identity) {
+        (false, _) => Phase::Member,
+        (true, None) => Phase::Blank,
+        (true, Some(id)) if id.member == node => Phase::Bootstrapping,
+        (true, Some(_)) => Phase::Joining,
     }
 }
 
@@ -94,9 +108,6 @@ pub(crate) async fn run(
         warn!(node = %shared.id, error = %e, "raft did not start");
         shared.set_fatal(Error::Stopped(e));
         return;
-    }
-    if !blank {
-        shared.boot.set(Phase::Member);
     }
     info!(node = %shared.id, member, phase = ?shared.boot.phase(), "raft started");
     let settle = async {
@@ -540,6 +551,19 @@ pub(crate) async fn ask_leader(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Storage that holds anything answers "member" from the first instant, whatever its
+    /// identity says; only empty storage may answer "blank".
+    #[test]
+    fn storage_with_a_log_never_reports_blank() {
+        let id = |member| Some(Identity { node: 2, member });
+        for identity in [None, id(2), id(JOINED_MEMBER_BASE + 5)] {
+            assert_eq!(initial_phase(2, identity, false), Phase::Member, "{identity:?}");
+        }
+        assert_eq!(initial_phase(2, None, true), Phase::Blank);
+        assert_eq!(initial_phase(2, id(2), true), Phase::Bootstrapping);
+        assert_eq!(initial_phase(2, id(JOINED_MEMBER_BASE + 5), true), Phase::Joining);
+    }
 
     fn m(node: u64, member: u64, voter: bool, matched: u64, ago: Option<u64>) -> MemberReport {
         MemberReport {

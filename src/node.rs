@@ -490,7 +490,7 @@ impl NodeBuilder {
             proposer,
             leader,
             observer: self.observer,
-            boot: BootState::new(),
+            boot: BootState::new(id.0, opened.identity, opened.blank),
             clock,
             watch,
             client: Mutex::new(ClientId { node: id, incarnation }),
@@ -578,6 +578,10 @@ impl Node {
     ///
     /// Returns once the registration is committed. The handler is called with a fresh
     /// [`TaskContext`] every time this node becomes the owner.
+    ///
+    /// If it fails (or its future is dropped before it returns), this node has no handler for
+    /// the key and runs nothing of it; a registration that reaches the cluster anyway is
+    /// withdrawn by the node, and registering again is safe at any moment.
     ///
     /// ```no_run
     /// # async fn demo(node: highlander::Node) -> Result<(), highlander::Error> {
@@ -751,12 +755,12 @@ impl Node {
             handlers.insert(key.clone(), Arc::new(HandlerEntry { spec, options, run }));
             self.shared.next_epoch()
         };
+        // Nothing runs a key this node could not register (an error, or the caller dropped
+        // the future): the handler goes, and a registration that lands anyway is withdrawn
+        // by the supervisor.
+        let mut pending = PendingRegistration { shared: &self.shared, key: &key, done: false };
         let result = self.register_in_cluster(&key, spec, epoch).await;
-        if result.is_err() {
-            // Nothing runs a key this node could not register; a registration that still
-            // lands is withdrawn by the supervisor.
-            self.shared.handlers().remove(&key);
-        }
+        pending.done = result.is_ok();
         result
     }
 
@@ -1047,6 +1051,22 @@ impl Node {
         self.shared.stopping.send_replace(true);
         self.shared.set_lease(Lease::default());
         self.stop_everything().await;
+    }
+}
+
+/// Removes the handler of a registration that did not complete, also when its caller drops
+/// the future half-way.
+struct PendingRegistration<'a> {
+    shared: &'a Shared,
+    key: &'a Key,
+    done: bool,
+}
+
+impl Drop for PendingRegistration<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared.handlers().remove(self.key);
+        }
     }
 }
 

@@ -212,18 +212,14 @@ impl TaskContext {
             if !self.still_owner() {
                 return None;
             }
-            let deadline = self.lease.borrow_and_update().deadline?;
+            let deadline = self.lease.borrow().deadline?;
             let clock = self.clock;
             let message = tokio::select! {
                 biased;
                 _ = wait_cancelled(&mut self.cancel) => return None,
-                _ = clock.sleep_until(deadline) => return None,
-                changed = self.lease.changed() => {
-                    if changed.is_err() {
-                        return None;
-                    }
-                    continue;
-                }
+                // At the deadline the lease is looked at again: renewed meanwhile, the wait
+                // goes on until the new deadline; lapsed, nothing more is handed over.
+                _ = clock.sleep_until(deadline) => continue,
                 m = self.inbox.recv() => m?,
             };
             // A message is handed over only while the task may still act as the owner.

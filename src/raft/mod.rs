@@ -369,11 +369,6 @@ impl RaftNode {
         nodes.into_iter().collect()
     }
 
-    /// Whether `member` is in the membership this node knows (voter or learner).
-    pub(crate) fn has_member(&self, member: u64) -> bool {
-        self.inner.server.borrow().membership_config.membership().get_node(&member).is_some()
-    }
-
     /// Whether this node's storage votes in a membership that is not half-way through a
     /// change (in a joint configuration a storage may vote in only one of its halves).
     pub(crate) fn is_voter(&self) -> bool {
@@ -670,6 +665,13 @@ impl RaftNode {
     ) -> Result<(), MembershipRefusal> {
         let raft = self.leading_raft()?;
         let config = raft.metrics().borrow().membership_config.membership().clone();
+        if let Some(other) = config.get_node(&member).filter(|m| m.node != node.0) {
+            return Err(MembershipRefusal::Invalid(format!(
+                "member id {member:#x} is storage of node {}; start node {} on an empty data \
+                 directory again to draw another",
+                other.node, node.0
+            )));
+        }
         if config.get_node(&member).is_none() {
             let change = raft.add_learner(member, Member { node: node.0 }, false);
             membership_result(tokio::time::timeout(timeout, change).await)?;
