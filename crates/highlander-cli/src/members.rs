@@ -234,34 +234,21 @@ pub fn render(report: &MembershipReport) -> String {
         out.push_str(" (a membership change is under way)");
     }
     out.push('\n');
-    let mut rows = vec![vec![
-        "NODE".to_string(),
-        "ROLE".into(),
-        "MEMBER".into(),
-        "MATCHED".into(),
-        "ANSWERED".into(),
-    ]];
-    for m in &report.members {
-        rows.push(vec![
-            m.node.to_string(),
-            if m.voter { "voter".into() } else { "learner".into() },
-            format!("{:#x}", m.member),
-            m.matched.map_or("-".into(), |i| i.to_string()),
-            m.answered_ms_ago.map_or("never".into(), |ms| format!("{ms} ms ago")),
-        ]);
-    }
-    let widths: Vec<usize> =
-        (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
-    for row in rows {
-        let mut line = String::from(" ");
-        for (c, cell) in row.iter().enumerate() {
-            line.push(' ');
-            line.push_str(cell);
-            line.push_str(&" ".repeat(widths[c] - cell.len()));
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
+    let rows: Vec<Vec<String>> = report
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.node.to_string(),
+                if m.voter { "voter".into() } else { "learner".into() },
+                format!("{:#x}", m.member),
+                m.matched.map_or("-".into(), |i| i.to_string()),
+                m.answered_ms_ago.map_or("never".into(), |ms| format!("{ms} ms ago")),
+            ]
+        })
+        .collect();
+    let headers = ["NODE", "ROLE", "MEMBER", "MATCHED", "ANSWERED"];
+    out.push_str(&crate::status::table(Some(&headers), &rows));
     out
 }
 

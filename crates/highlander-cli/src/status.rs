@@ -211,7 +211,8 @@ fn display_key(key: &str) -> String {
 }
 
 /// Left-aligned columns, two spaces apart, indented by two.
-fn table(headers: Option<&[&str]>, rows: &[Vec<String>]) -> String {
+/// Rows as aligned columns under optional headers (shared by the commands that print tables).
+pub(crate) fn table(headers: Option<&[&str]>, rows: &[Vec<String>]) -> String {
     let mut all: Vec<Vec<String>> = Vec::new();
     if let Some(h) = headers {
         all.push(h.iter().map(|s| s.to_string()).collect());

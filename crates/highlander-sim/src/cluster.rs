@@ -297,17 +297,7 @@ impl SimCluster {
         }
         self.zombies.extend(old);
         self.boot(id).await?;
-        let node = self.node(id).clone();
-        let setup = self.setup.clone();
-        let bound = self.timing.write_timeout * 20;
-        tokio::spawn(async move {
-            if node.ready(bound).await.is_ok()
-                && let Some(setup) = setup
-                && let Err(e) = setup(node.clone()).await
-            {
-                tracing::warn!(node = %node.id(), error = %e, "setup of the replacement failed");
-            }
-        });
+        self.setup_in_background(id);
         Ok(())
     }
 
@@ -348,6 +338,12 @@ impl SimCluster {
             self.kill(id).await;
         }
         self.boot(id).await?;
+        self.setup_in_background(id);
+        Ok(())
+    }
+
+    /// Runs node `id`'s setup in the background once it has a session.
+    fn setup_in_background(&self, id: NodeId) {
         let node = self.node(id).clone();
         let setup = self.setup.clone();
         let bound = self.timing.write_timeout * 20;
@@ -356,10 +352,9 @@ impl SimCluster {
                 && let Some(setup) = setup
                 && let Err(e) = setup(node.clone()).await
             {
-                tracing::warn!(node = %node.id(), error = %e, "setup after restart failed");
+                tracing::warn!(node = %node.id(), error = %e, "setup after a start failed");
             }
         });
-        Ok(())
     }
 
     async fn boot(&mut self, id: NodeId) -> Result<(), Error> {
