@@ -44,8 +44,9 @@ impl LeaderState {
 ///
 /// `lapsed_ms` is how long the sender's lease has been lapsed. A lapse is final on the node
 /// (see `session`): it takes no renewal for that session again, so its tasks are stopped for
-/// good and the session may be expired at once. That bounds failover by about the TTL even
-/// when a node's keepalives reach the leader but the answers do not reach the node.
+/// good, and once the lapse reaches the lease margin the session is expired at once. That
+/// bounds failover by about the TTL even when a node's keepalives reach the leader but the
+/// answers do not reach the node.
 ///
 /// A session superseded by a newer process of its node is not renewed (and not counted as
 /// heard): its lease runs out and it expires after its TTL and margin.
@@ -67,21 +68,27 @@ pub(crate) async fn keepalive(
         if !table.may_renew(session) {
             return KeepAliveReply::SessionEnded;
         }
-        let (node, superseded) = {
+        let (node, superseded, lease) = {
             let applied = shared.applied.read();
             match applied.state.sessions.get(&session) {
                 None => return KeepAliveReply::SessionEnded,
-                Some(s) => (s.node(), applied.state.is_superseded(session)),
+                Some(s) => (s.node(), applied.state.is_superseded(session), s.lease),
             }
         };
         if node != from {
             warn!(node = %shared.id, %from, %session, owner = %node, "keepalive for another node's session ignored");
             return KeepAliveReply::Unconfirmed;
         }
-        if lapsed_ms > 0 {
+        // A lapse is acted on once the node has been past its deadline for a margin on its
+        // own clock, the clock its supervisor aborted the tasks by: another node starts the
+        // keys at least a margin after they stopped, as when a silent session expires.
+        if lapsed_ms >= lease.margin_ms {
             table.mark_expiring(session);
             info!(node = %shared.id, %session, lapsed_ms, "expiring a session whose node reports its lease lapsed");
             return KeepAliveReply::SessionEnded;
+        }
+        if lapsed_ms > 0 {
+            return KeepAliveReply::Unconfirmed;
         }
         if superseded {
             return KeepAliveReply::SessionEnded;
