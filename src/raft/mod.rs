@@ -780,30 +780,6 @@ fn membership_result(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::TypeConfig;
-    use super::store::{AppliedState, MemLog, MemStorage, StateMachine};
-    use openraft::StorageError;
-    use openraft::testing::{StoreBuilder, Suite};
-
-    struct MemBuilder;
-
-    impl StoreBuilder<TypeConfig, MemLog, StateMachine, ()> for MemBuilder {
-        async fn build(&self) -> Result<((), MemLog, StateMachine), StorageError<u64>> {
-            let storage = MemStorage::new();
-            let sm = StateMachine::in_memory(storage.clone(), AppliedState::new())?;
-            Ok(((), MemLog::new(storage), sm))
-        }
-    }
-
-    /// openraft's own storage suite, run against the in-memory store.
-    #[test]
-    fn openraft_storage_suite() {
-        Suite::test_all(MemBuilder).unwrap();
-    }
-}
-
 /// Decodes `bytes` as each payload a node accepts from peers inside Raft messages (requests,
 /// responses, snapshot chunks and their replies, snapshot data), and re-encodes and decodes
 /// again whatever decodes. Never panics on any input; for the fuzzer.
@@ -833,4 +809,28 @@ pub(crate) fn decode_raft_payloads(bytes: &[u8]) {
         again(v);
     }
     store::decode_snapshot_data(bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TypeConfig;
+    use super::store::{AppliedState, MemLog, MemStorage, StateMachine};
+    use openraft::StorageError;
+    use openraft::testing::{StoreBuilder, Suite};
+
+    struct MemBuilder;
+
+    impl StoreBuilder<TypeConfig, MemLog, StateMachine, ()> for MemBuilder {
+        async fn build(&self) -> Result<((), MemLog, StateMachine), StorageError<u64>> {
+            let storage = MemStorage::new();
+            let sm = StateMachine::in_memory(storage.clone(), AppliedState::new())?;
+            Ok(((), MemLog::new(storage), sm))
+        }
+    }
+
+    /// openraft's own storage suite, run against the in-memory store.
+    #[test]
+    fn openraft_storage_suite() {
+        Suite::test_all(MemBuilder).unwrap();
+    }
 }
