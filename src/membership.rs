@@ -505,6 +505,9 @@ pub(crate) async fn serve(
     Ok(shared.raft.membership_report())
 }
 
+/// Redirects followed in a row before pausing and asking afresh.
+const MAX_REDIRECTS: u32 = 8;
+
 /// Sends a membership request to the leader (this node, or the one it redirects to) until
 /// it is served or the write timeout passes.
 pub(crate) async fn ask_leader(
@@ -514,6 +517,9 @@ pub(crate) async fn ask_leader(
     let deadline = Instant::now() + shared.timing.write_timeout;
     let mut target = shared.raft.leader_hint();
     let mut last;
+    // Redirects followed since the last pause: two nodes naming each other during an
+    // election must not be bounced between without rest.
+    let mut hops = 0;
     loop {
         let answer = match target {
             Some(t) if t == shared.id => serve(shared, shared.id, request.clone()).await,
@@ -534,7 +540,10 @@ pub(crate) async fn ask_leader(
         match answer {
             Ok(report) => return Ok(report),
             Err(MembershipRefusal::Invalid(why)) => return Err(Error::Membership(why)),
-            Err(MembershipRefusal::NotLeader { leader: Some(l) }) if Some(l) != target => {
+            Err(MembershipRefusal::NotLeader { leader: Some(l) })
+                if Some(l) != target && hops < MAX_REDIRECTS =>
+            {
+                hops += 1;
                 target = Some(l);
                 continue;
             }
@@ -544,6 +553,7 @@ pub(crate) async fn ask_leader(
             return Err(Error::Unavailable(format!("membership request not served: {last}")));
         }
         pause(shared, shared.timing.heartbeat * 2).await;
+        hops = 0;
         target = shared.raft.leader_hint();
     }
 }

@@ -673,8 +673,7 @@ impl RaftNode {
             )));
         }
         if config.get_node(&member).is_none() {
-            let change = raft.add_learner(member, Member { node: node.0 }, false);
-            membership_result(tokio::time::timeout(timeout, change).await)?;
+            changing(timeout, || raft.add_learner(member, Member { node: node.0 }, false)).await?;
         }
         let stale: BTreeSet<u64> = config
             .learner_ids()
@@ -682,8 +681,10 @@ impl RaftNode {
             .filter(|id| config.get_node(id).is_some_and(|n| n.node == node.0))
             .collect();
         if !stale.is_empty() {
-            let change = raft.change_membership(ChangeMembers::RemoveNodes(stale), false);
-            membership_result(tokio::time::timeout(timeout, change).await)?;
+            changing(timeout, || {
+                raft.change_membership(ChangeMembers::RemoveNodes(stale.clone()), false)
+            })
+            .await?;
         }
         Ok(())
     }
@@ -699,8 +700,10 @@ impl RaftNode {
         if voters.is_empty() {
             return Err(MembershipRefusal::Invalid("a cluster needs at least one voter".into()));
         }
-        let change = raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), false);
-        membership_result(tokio::time::timeout(timeout, change).await)
+        changing(timeout, || {
+            raft.change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), false)
+        })
+        .await
     }
 
     /// Completes a joint configuration that no change is completing any more: openraft 0.9
@@ -720,8 +723,11 @@ impl RaftNode {
             joint.last().cloned().unwrap_or_default()
         };
         tracing::info!(node = %self.inner.id, voters = ?last, "completing an interrupted membership change");
-        let change = raft.change_membership(ChangeMembers::ReplaceAllVoters(last), false);
-        membership_result(tokio::time::timeout(timeout, change).await).map(|()| true)
+        changing(timeout, || {
+            raft.change_membership(ChangeMembers::ReplaceAllVoters(last.clone()), false)
+        })
+        .await
+        .map(|()| true)
     }
 
     /// Removes `members` from the membership altogether (voters must have left the voter set
@@ -732,8 +738,10 @@ impl RaftNode {
         timeout: Duration,
     ) -> Result<(), MembershipRefusal> {
         let raft = self.leading_raft()?;
-        let change = raft.change_membership(ChangeMembers::RemoveNodes(members), false);
-        membership_result(tokio::time::timeout(timeout, change).await)
+        changing(timeout, || {
+            raft.change_membership(ChangeMembers::RemoveNodes(members.clone()), false)
+        })
+        .await
     }
 
     fn leading_raft(&self) -> Result<&Raft, MembershipRefusal> {
@@ -760,6 +768,33 @@ type ChangeResult = Result<
     openraft::raft::ClientWriteResponse<TypeConfig>,
     RaftError<u64, ClientWriteError<u64, Member>>,
 >;
+
+/// Runs a membership change until `timeout`, again while another one is under way: the
+/// leader's own work (a learner joining, a joint change completing) must not fail an
+/// operator's change that would succeed a moment later.
+async fn changing<F, Fut>(timeout: Duration, mut change: F) -> Result<(), MembershipRefusal>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ChangeResult>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let pause = Duration::from_millis(50);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let result = tokio::time::timeout(left, change()).await;
+        let in_progress = matches!(
+            &result,
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(_)
+            ))))
+        );
+        if in_progress && tokio::time::Instant::now() + pause < deadline {
+            tokio::time::sleep(pause).await;
+            continue;
+        }
+        return membership_result(result);
+    }
+}
 
 fn membership_result(
     result: Result<ChangeResult, tokio::time::error::Elapsed>,

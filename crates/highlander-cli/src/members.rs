@@ -193,8 +193,11 @@ async fn ask(
                         target = l;
                     }
                     _ => {
-                        // No leader known yet (an election): ask again shortly.
+                        // No leader known yet (an election), or nodes naming each other:
+                        // ask again shortly, from the start and with a fresh redirect budget
+                        // (a budget never refilled would leave us asking `via` alone).
                         tokio::time::sleep(Duration::from_millis(200)).await;
+                        hops = 0;
                         target = via;
                     }
                 }
