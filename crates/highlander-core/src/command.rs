@@ -1,5 +1,6 @@
 //! The commands the replicated state machine applies, and what each one produced.
 
+use crate::schedule::{ScheduleAction, ScheduleSpec, TickOrigin, TickResult};
 use crate::{ClientId, Key, Limits, Payload, RequestId, Seq, SessionId, Token};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -14,6 +15,9 @@ pub enum KeyKind {
     Singleton,
     /// Runs on exactly `slots` distinct nodes at a time.
     Exclusive,
+    /// A schedule: one slot, whose owner fires the schedule's ticks (registered with
+    /// [`Command::RegisterSchedule`], which carries the schedule).
+    Schedule,
 }
 
 /// How a key is run: the same on every session that registers it.
@@ -36,10 +40,16 @@ impl KeySpec {
         KeySpec { kind: KeyKind::Exclusive, slots }
     }
 
-    /// Whether the spec can be run: 1 slot for a singleton, 1..=[`MAX_SLOTS`] otherwise.
+    /// A schedule key: one slot.
+    pub const fn schedule() -> KeySpec {
+        KeySpec { kind: KeyKind::Schedule, slots: 1 }
+    }
+
+    /// Whether the spec can be run: 1 slot for a singleton or a schedule, 1..=[`MAX_SLOTS`]
+    /// otherwise.
     pub fn is_valid(&self) -> bool {
         match self.kind {
-            KeyKind::Singleton => self.slots == 1,
+            KeyKind::Singleton | KeyKind::Schedule => self.slots == 1,
             KeyKind::Exclusive => (1..=MAX_SLOTS).contains(&self.slots),
         }
     }
@@ -183,9 +193,123 @@ pub enum Command {
         /// The last message handled.
         upto: Seq,
     },
+    /// Stamps the commands after it in the same entry with the cluster's time of day, in
+    /// milliseconds since the Unix epoch, as the leader saw it when it appended the entry
+    /// (the lower median of the wall clocks of the nodes it hears from, so one node's wrong
+    /// clock, the leader's included, does not move it). Only a leader writes it, in front of
+    /// the commands that need it ([`Command::needs_stamp`]); one a client sends is dropped.
+    Stamp {
+        /// The cluster's time of day.
+        wall_ms: u64,
+    },
+    /// Says that a session can run the schedule `key`: a key of kind
+    /// [`KeyKind::Schedule`] with one slot, whose owner fires the schedule's ticks. Every
+    /// session that registers the key must give the same schedule.
+    RegisterSchedule {
+        /// The session offering to run the schedule.
+        session: SessionId,
+        /// The key.
+        key: Key,
+        /// The schedule.
+        schedule: Box<ScheduleSpec>,
+        /// As in [`Command::Register`].
+        epoch: u64,
+        /// The version of the time-zone database the node computes ticks with. Every
+        /// candidate of a schedule whose ticks depend on it ([`ScheduleSpec::needs_tzdb`])
+        /// must have the same, so no two owners compute different instants for one tick.
+        tzdb: String,
+    },
+    /// The owner of a schedule fires a tick: applied only with the slot's current token, for
+    /// a tick above the schedule's high-water mark and not later than the entry's stamp (a
+    /// fast clock on the owner cannot fire early). The tick is recorded as pending in the
+    /// same step (or skipped by the overlap policy), and runs once per attempt.
+    Fire {
+        /// The schedule's key.
+        key: Key,
+        /// The owner's token.
+        token: Token,
+        /// The tick's nominal time, ms since the Unix epoch.
+        tick_ms: u64,
+        /// Scheduled on time, or a missed tick the catch-up policy fires.
+        origin: TickOrigin,
+        /// Ticks the catch-up policy skipped to get to this one.
+        missed: u64,
+        /// If set, the owner starts running the tick at once (if the overlap policy lets
+        /// it), at this time of day: one command instead of `Fire` and `TickStarted`.
+        start_ms: Option<u64>,
+    },
+    /// The owner of a schedule skips missed ticks its catch-up policy does not run: the
+    /// high-water mark moves to `upto_ms` (checked as a `Fire` of it would be) and `missed`
+    /// is counted.
+    SkipTicks {
+        /// The schedule's key.
+        key: Key,
+        /// The owner's token.
+        token: Token,
+        /// The newest tick skipped.
+        upto_ms: u64,
+        /// How many ticks were skipped.
+        missed: u64,
+    },
+    /// The owner of a schedule starts a run of a pending tick. Refused, and the tick dropped
+    /// as interrupted, when it has run as often as its delivery policy allows.
+    TickStarted {
+        /// The schedule's key.
+        key: Key,
+        /// The owner's token.
+        token: Token,
+        /// The pending tick's run id.
+        run: u64,
+        /// When the run starts (the owner's view of the cluster's time of day).
+        start_ms: u64,
+    },
+    /// The owner of a schedule reports how a run ended; the tick is no longer pending.
+    TickDone {
+        /// The schedule's key.
+        key: Key,
+        /// The owner's token.
+        token: Token,
+        /// The pending tick's run id.
+        run: u64,
+        /// How it ended.
+        result: TickResult,
+        /// When it ended.
+        end_ms: u64,
+    },
+    /// An operator pauses, resumes, triggers or backfills a schedule, from any node.
+    ScheduleControl {
+        /// The schedule's key.
+        key: Key,
+        /// What to do.
+        action: ScheduleAction,
+        /// De-duplicates retries (a trigger must not run twice because a write was retried).
+        request: RequestId,
+        /// As in [`Command::Send`].
+        floor: u64,
+    },
 }
 
 impl Command {
+    /// The key the command is about, if it names one.
+    pub fn key(&self) -> Option<&Key> {
+        match self {
+            Command::Send { key, .. }
+            | Command::Register { key, .. }
+            | Command::Unregister { key, .. }
+            | Command::Assign { key, .. }
+            | Command::Release { key, .. }
+            | Command::RequestMove { key, .. }
+            | Command::Ack { key, .. }
+            | Command::RegisterSchedule { key, .. }
+            | Command::Fire { key, .. }
+            | Command::SkipTicks { key, .. }
+            | Command::TickStarted { key, .. }
+            | Command::TickDone { key, .. }
+            | Command::ScheduleControl { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+
     /// A rough size in bytes, for batching.
     pub fn approx_size(&self) -> usize {
         match self {
@@ -195,9 +319,41 @@ impl Command {
             | Command::Assign { key, .. }
             | Command::Release { key, .. }
             | Command::RequestMove { key, .. }
-            | Command::Ack { key, .. } => 32 + key.as_str().len(),
+            | Command::Ack { key, .. }
+            | Command::Fire { key, .. }
+            | Command::SkipTicks { key, .. }
+            | Command::TickStarted { key, .. } => 32 + key.as_str().len(),
+            Command::RegisterSchedule { key, schedule, .. } => {
+                96 + key.as_str().len() + schedule.zone.len()
+            }
+            Command::TickDone { key, result, .. } => {
+                let text = match result {
+                    TickResult::Failed(e) => e.len(),
+                    _ => 0,
+                };
+                40 + key.as_str().len() + text
+            }
+            Command::ScheduleControl { key, action, .. } => {
+                let ticks = match action {
+                    ScheduleAction::Backfill { ticks } => ticks.len() * 8,
+                    _ => 0,
+                };
+                48 + key.as_str().len() + ticks
+            }
             _ => 48,
         }
+    }
+
+    /// Whether the command is applied against the cluster's time of day, which the leader
+    /// writes in front of it as a [`Command::Stamp`].
+    pub fn needs_stamp(&self) -> bool {
+        matches!(
+            self,
+            Command::RegisterSchedule { .. }
+                | Command::Fire { .. }
+                | Command::SkipTicks { .. }
+                | Command::ScheduleControl { .. }
+        )
     }
 }
 
@@ -248,6 +404,35 @@ pub enum Outcome {
     },
     /// The command was refused; the state is unchanged.
     Rejected(Rejection),
+    /// The entry is stamped.
+    Stamped,
+    /// The tick is fired: above the high-water mark, which now stands at it.
+    Fired {
+        /// The run id of the pending tick, or `None` if the overlap policy skipped it.
+        run: Option<u64>,
+        /// Whether it started at once (see [`Command::Fire`]).
+        started: bool,
+    },
+    /// Missed ticks were skipped; the high-water mark stands at the newest.
+    TicksSkipped,
+    /// A run of a pending tick started.
+    TickStarted {
+        /// Which run of the tick this is, from 1.
+        attempt: u32,
+    },
+    /// The tick has run as often as its delivery policy allows (a run was cut short each
+    /// time): it is dropped as interrupted instead of started again.
+    TickExhausted {
+        /// Runs started.
+        attempts: u32,
+    },
+    /// The run's end is recorded.
+    TickDone,
+    /// The schedule changed as asked.
+    ScheduleChanged {
+        /// The run ids of ticks a trigger or a backfill made pending.
+        runs: Vec<u64>,
+    },
 }
 
 /// Why a command was refused. Refusal is a normal outcome, not a failure of the state machine.
@@ -342,6 +527,66 @@ pub enum Rejection {
         /// The term of the entry that carried it.
         appended: u64,
     },
+    /// A schedule command on a key that is not a schedule.
+    #[error("the key is not a schedule")]
+    NotASchedule,
+    /// A message sent to a schedule: its queue carries nothing but its own ticks.
+    #[error("the key is a schedule, which takes no messages")]
+    TakesNoMessages,
+    /// The schedule is registered elsewhere with a different schedule.
+    #[error("the schedule is registered with a different spec: {}", existing.describe())]
+    ScheduleConflict {
+        /// The schedule in force.
+        existing: Box<ScheduleSpec>,
+    },
+    /// The schedule cannot be run (the text says what to change).
+    #[error("invalid schedule: {0}")]
+    InvalidSchedule(String),
+    /// The schedule's ticks depend on the time-zone database, and its other candidates
+    /// compute them with another version.
+    #[error(
+        "the schedule's other nodes use time-zone database {in_force}; a node with another \
+         version would compute other instants for its ticks"
+    )]
+    TzdbMismatch {
+        /// The version its candidates have.
+        in_force: String,
+    },
+    /// A command that needs the cluster's time of day in an entry a leader did not stamp.
+    #[error("the entry carries no time of day")]
+    Unstamped,
+    /// A tick at or below the schedule's high-water mark: it has fired (or was skipped).
+    #[error("tick not after {last}: already fired or skipped")]
+    TickNotAfter {
+        /// The high-water mark.
+        last: u64,
+    },
+    /// A tick later than the cluster's time of day: the owner's clock is ahead.
+    #[error("tick {tick_ms} is not due yet: the cluster's time is {cluster_ms}")]
+    TooEarly {
+        /// The tick.
+        tick_ms: u64,
+        /// The entry's stamp.
+        cluster_ms: u64,
+    },
+    /// A tick outside the schedule's start and end bounds.
+    #[error("tick outside the schedule's bounds")]
+    OutsideBounds,
+    /// The schedule is paused.
+    #[error("the schedule is paused")]
+    Paused,
+    /// No pending tick has this run id (it ended, or was dropped).
+    #[error("no such pending tick")]
+    NoSuchRun,
+    /// As many runs of the schedule as its overlap policy allows are going.
+    #[error("the schedule runs as many ticks at once as its overlap policy allows")]
+    Busy,
+    /// The schedule has as many pending ticks as it may hold.
+    #[error("the schedule has {max} ticks pending already")]
+    TooManyPending {
+        /// The limit.
+        max: u32,
+    },
 }
 
 impl fmt::Display for Outcome {
@@ -360,6 +605,18 @@ impl fmt::Display for Outcome {
             Outcome::Sent { seq } => write!(f, "sent {seq}"),
             Outcome::Acked { head } => write!(f, "acked, head {head:?}"),
             Outcome::Rejected(r) => write!(f, "rejected: {r}"),
+            Outcome::Stamped => f.write_str("stamped"),
+            Outcome::Fired { run: Some(run), started } => {
+                write!(f, "fired as run {run}{}", if *started { ", started" } else { "" })
+            }
+            Outcome::Fired { run: None, .. } => f.write_str("fired, skipped as an overlap"),
+            Outcome::TicksSkipped => f.write_str("missed ticks skipped"),
+            Outcome::TickStarted { attempt } => write!(f, "tick started, attempt {attempt}"),
+            Outcome::TickExhausted { attempts } => {
+                write!(f, "tick dropped after {attempts} interrupted runs")
+            }
+            Outcome::TickDone => f.write_str("tick done"),
+            Outcome::ScheduleChanged { runs } => write!(f, "schedule changed, runs {runs:?}"),
         }
     }
 }

@@ -3,7 +3,8 @@
 //! This crate holds everything about a highlander cluster that can be decided without
 //! touching the world: the replicated state of sessions, keys, owners and message queues
 //! ([`ClusterState`]) and the deterministic [`ClusterState::apply`] that every replica runs on
-//! the same commands; the leader's liveness table ([`LeaseTable`]) and its assignment policy
+//! the same commands; when a schedule's ticks fall ([`schedule`], with cron expressions and
+//! time zones); the leader's liveness table ([`LeaseTable`]) and its assignment policy
 //! ([`plan`]); the messages nodes exchange ([`wire`]) and the one codec that encodes them
 //! ([`codec`]); and the [`Transport`] trait a network implements.
 //!
@@ -22,6 +23,7 @@ mod lease;
 mod limits;
 mod payload;
 mod plan;
+pub mod schedule;
 pub mod state;
 mod transport;
 pub mod wire;
@@ -35,5 +37,9 @@ pub use lease::LeaseTable;
 pub use limits::{Limits, LimitsError, MAX_PAYLOAD_LIMIT};
 pub use payload::Payload;
 pub use plan::{MAX_ASSIGNS_PER_PLAN, plan, rendezvous};
+pub use schedule::{
+    CatchUp, CatchUpPlan, Delivery, Overlap, ScheduleAction, ScheduleError, ScheduleSpec,
+    TickOrigin, TickResult, Ticks, Trigger, tzdb_version,
+};
 pub use state::ClusterState;
 pub use transport::{BoxFuture, RequestHandler, Transport, TransportError};

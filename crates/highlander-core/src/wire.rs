@@ -2,11 +2,13 @@
 //! [`Response`], encoded by [`codec`](crate::codec).
 
 use crate::command::{Command, KeySpec, Outcome};
+use crate::schedule::ScheduleSpec;
+use crate::state::{FireRecord, PendingTick, ScheduleCounts};
 use crate::{Key, NodeId, Payload, SessionId, Token};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version, carried in the transport handshake (ALPN for QUIC).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// A request from one node to another.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +30,9 @@ pub enum Request {
         session: SessionId,
         /// How long the sender's lease has been lapsed, in milliseconds (0 while valid).
         lapsed_ms: u64,
+        /// The sender's wall clock when it sent this, ms since the Unix epoch: the leader
+        /// learns from it how the nodes' clocks differ, for the cluster's time of day.
+        wall_ms: u64,
     },
     /// A report of what the receiving node knows.
     Status,
@@ -39,6 +44,32 @@ pub enum Request {
     Hello,
     /// A membership request, served by the leader (other nodes answer with its id).
     Membership(MembershipRequest),
+    /// An operator's change to a schedule, served by any node with a session.
+    Schedule {
+        /// The schedule's key.
+        key: Key,
+        /// What to do.
+        op: ScheduleOp,
+    },
+}
+
+/// What an operator asks of a schedule ([`Request::Schedule`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScheduleOp {
+    /// No tick fires until it is resumed.
+    Pause,
+    /// Ticks fire again; those that fell due while paused are skipped.
+    Resume,
+    /// Run once now.
+    Trigger,
+    /// Run the ticks between the two instants (ms since the epoch, both included) again; at
+    /// most 100.
+    Backfill {
+        /// The first instant.
+        from_ms: u64,
+        /// The last instant.
+        to_ms: u64,
+    },
 }
 
 /// Where a node's storage stands in the cluster, as [`Request::Hello`] reports it.
@@ -170,6 +201,9 @@ pub enum Response {
     Hello(HelloReply),
     /// The answer to a [`Request::Membership`].
     Membership(Result<MembershipReport, MembershipRefusal>),
+    /// The answer to a [`Request::Schedule`]: the run ids of the ticks it made pending, or
+    /// why it was refused.
+    Schedule(Result<Vec<u64>, String>),
 }
 
 /// Why a forwarded write was not written.
@@ -190,7 +224,11 @@ pub enum WriteRefusal {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KeepAliveReply {
     /// Renewed: the lease runs from when the keepalive was sent.
-    Renewed,
+    Renewed {
+        /// The cluster's time of day when the leader answered (the lower median of the
+        /// nodes' wall clocks it knows), if it knows enough clocks to say.
+        cluster_ms: Option<u64>,
+    },
     /// The receiver is not the leader; `leader` is its best guess.
     NotLeader {
         /// The leader the receiver knows of.
@@ -301,6 +339,44 @@ pub struct KeyReport {
     pub queued: u64,
     /// Their payload bytes.
     pub queued_bytes: u64,
+    /// For a schedule: its ticks.
+    pub schedule: Option<ScheduleReport>,
+}
+
+/// A schedule in a [`StatusReport`]: its spec, its policies, what it has fired and what it
+/// will fire.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleReport {
+    /// The schedule.
+    pub spec: ScheduleSpec,
+    /// Whether it is paused.
+    pub paused: bool,
+    /// The newest tick fired (ms since the epoch).
+    pub last_fired: Option<u64>,
+    /// Ticks after this instant are owed (the high-water mark, or when it was created or
+    /// last resumed).
+    pub mark_ms: u64,
+    /// The time-zone database its ticks are computed with, if they depend on one.
+    pub tzdb: Option<String>,
+    /// Ticks fired and not finished, by run id.
+    pub pending: Vec<(u64, PendingTick)>,
+    /// Counters since it was created.
+    pub counts: ScheduleCounts,
+    /// The last fires that finished or were skipped, oldest first.
+    pub recent: Vec<FireRecord>,
+    /// The next ticks, as the reporting node computes them (see
+    /// [`ScheduleReport::fill_next`]).
+    pub next: Vec<u64>,
+}
+
+impl ScheduleReport {
+    /// Computes the next `n` ticks after `now_ms` (or after the high-water mark, if later).
+    pub fn fill_next(&mut self, now_ms: u64, n: usize) {
+        self.next = match self.spec.compile() {
+            Ok(ticks) => ticks.upcoming(now_ms.max(self.mark_ms), n),
+            Err(_) => Vec::new(),
+        };
+    }
 }
 
 /// The owner of one slot in a [`StatusReport`].
@@ -351,6 +427,17 @@ impl crate::state::ClusterState {
                 candidates: k.candidates.iter().filter_map(node_of).collect(),
                 queued: k.queue.messages.len() as u64,
                 queued_bytes: k.queue.bytes,
+                schedule: k.schedule.as_ref().map(|s| ScheduleReport {
+                    spec: s.spec.clone(),
+                    paused: s.paused,
+                    last_fired: s.last_fired,
+                    mark_ms: s.mark_ms(),
+                    tzdb: s.tzdb.clone(),
+                    pending: s.pending.iter().map(|(r, p)| (*r, p.clone())).collect(),
+                    counts: s.counts,
+                    recent: s.recent.iter().cloned().collect(),
+                    next: Vec::new(),
+                }),
             })
             .collect();
         (sessions, keys)

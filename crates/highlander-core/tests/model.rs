@@ -207,6 +207,15 @@ impl Model {
                 k.queue.retain(|(seq, _)| *seq > upto.0);
                 Outcome::Acked { head: k.queue.first().map(|(seq, _)| Seq(*seq)) }
             }
+            // Schedules have their own property test (`schedules.rs`); this model runs
+            // without them.
+            Command::Stamp { .. }
+            | Command::RegisterSchedule { .. }
+            | Command::Fire { .. }
+            | Command::SkipTicks { .. }
+            | Command::TickStarted { .. }
+            | Command::TickDone { .. }
+            | Command::ScheduleControl { .. } => unreachable!("not generated"),
         }
     }
 
@@ -297,6 +306,8 @@ impl Model {
         let valid = match spec.kind {
             KeyKind::Singleton => spec.slots == 1,
             KeyKind::Exclusive => spec.slots >= 1 && spec.slots <= MAX_SLOTS,
+            // A schedule comes with its schedule, in `RegisterSchedule`.
+            KeyKind::Schedule => false,
         };
         if !valid {
             return rejected(Rejection::InvalidSpec);
@@ -457,6 +468,7 @@ impl Model {
                 slots: k.slots.clone(),
                 handed_over_by: k.handed_over_by.clone(),
                 queue,
+                schedule: None,
             };
             st.keys.insert(key.clone(), state);
         }

@@ -3,10 +3,17 @@
 //! Every map is ordered (`BTreeMap`/`BTreeSet`), so every replica iterates the same way and
 //! serializes its state to the same bytes. Nothing here reads a clock.
 
-use crate::command::{Command, KeySpec, LeaseTerms, Message, Outcome, Owner, Rejection};
+use crate::command::{Command, KeyKind, KeySpec, LeaseTerms, Message, Outcome, Owner, Rejection};
 use crate::{ClientId, Key, Limits, NodeId, Payload, RequestId, Seq, SessionId, Token};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+mod schedules;
+
+pub use schedules::{
+    FireOutcome, FireRecord, MAX_ERROR_BYTES, MAX_PENDING, PendingTick, RECENT_FIRES,
+    ScheduleCounts, ScheduleState, TickRun,
+};
 
 /// A live session.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +99,8 @@ pub struct KeyState {
     pub handed_over_by: Vec<Option<SessionId>>,
     /// Messages for the owner of slot 0.
     pub queue: Queue,
+    /// For a schedule key: its ticks.
+    pub schedule: Option<ScheduleState>,
 }
 
 /// The de-duplication record of one client process.
@@ -130,6 +139,9 @@ pub struct ClusterState {
     pub last_seq: u64,
     /// The Raft term of the entry being applied (see [`ClusterState::apply_entry`]).
     pub entry_term: u64,
+    /// The cluster's time of day stamped on the entry being applied, if its leader stamped
+    /// it ([`Command::Stamp`]).
+    pub entry_stamp: Option<u64>,
 }
 
 impl ClusterState {
@@ -148,7 +160,11 @@ impl ClusterState {
     /// against it.
     pub fn apply_entry(&mut self, term: u64, commands: &[Command]) -> Vec<Outcome> {
         self.entry_term = term;
-        self.apply_batch(commands)
+        // A stamp holds for the rest of its own entry only.
+        self.entry_stamp = None;
+        let outcomes = self.apply_batch(commands);
+        self.entry_stamp = None;
+        outcomes
     }
 
     /// Applies one command, in the term set by the last [`apply_entry`](Self::apply_entry)
@@ -189,6 +205,28 @@ impl ClusterState {
             }
             Command::RequestMove { key, slot, token } => self.request_move(key, *slot, *token),
             Command::Ack { key, token, upto } => self.ack(key, *token, *upto),
+            Command::Stamp { wall_ms } => {
+                self.entry_stamp = Some(*wall_ms);
+                Outcome::Stamped
+            }
+            Command::RegisterSchedule { session, key, schedule, epoch, tzdb } => {
+                self.register_schedule(*session, key, schedule, *epoch, tzdb)
+            }
+            Command::Fire { key, token, tick_ms, origin, missed, start_ms } => {
+                self.fire(key, *token, *tick_ms, *origin, *missed, *start_ms)
+            }
+            Command::SkipTicks { key, token, upto_ms, missed } => {
+                self.skip_ticks(key, *token, *upto_ms, *missed)
+            }
+            Command::TickStarted { key, token, run, start_ms } => {
+                self.tick_started(key, *token, *run, *start_ms)
+            }
+            Command::TickDone { key, token, run, result, end_ms } => {
+                self.tick_done(key, *token, *run, result, *end_ms)
+            }
+            Command::ScheduleControl { key, action, request, floor } => {
+                self.schedule_control(key, action, *request, *floor)
+            }
         }
     }
 
@@ -353,7 +391,8 @@ impl ClusterState {
     }
 
     fn register(&mut self, session: SessionId, key: &Key, spec: KeySpec, epoch: u64) -> Outcome {
-        if !spec.is_valid() {
+        // A schedule is registered with its schedule (`RegisterSchedule`).
+        if !spec.is_valid() || spec.kind == KeyKind::Schedule {
             return Outcome::Rejected(Rejection::InvalidSpec);
         }
         if !self.sessions.contains_key(&session) {
@@ -369,6 +408,7 @@ impl ClusterState {
                     self.vacant.remove(&(key.clone(), slot));
                 }
                 k.spec = spec;
+                k.schedule = None;
                 k.slots = vec![None; spec.slots as usize];
                 k.handed_over_by = vec![None; spec.slots as usize];
                 for slot in 0..spec.slots {
@@ -379,29 +419,39 @@ impl ClusterState {
             Some(k) => {
                 k.candidates.insert(session);
             }
-            None => {
-                let mut candidates = BTreeSet::new();
-                candidates.insert(session);
-                self.keys.insert(
-                    key.clone(),
-                    KeyState {
-                        spec,
-                        candidates,
-                        slots: vec![None; spec.slots as usize],
-                        handed_over_by: vec![None; spec.slots as usize],
-                        queue: Queue { next_seq: self.last_seq + 1, ..Queue::default() },
-                    },
-                );
-                for slot in 0..spec.slots {
-                    self.vacant.insert((key.clone(), slot));
-                }
-            }
+            None => self.insert_key(key, spec, session, None),
         }
         if let Some(s) = self.sessions.get_mut(&session) {
             let in_force = s.keys.entry(key.clone()).or_insert(epoch);
             *in_force = (*in_force).max(epoch);
         }
         Outcome::Registered
+    }
+
+    /// Creates a key with one candidate, every slot vacant.
+    fn insert_key(
+        &mut self,
+        key: &Key,
+        spec: KeySpec,
+        session: SessionId,
+        schedule: Option<ScheduleState>,
+    ) {
+        let mut candidates = BTreeSet::new();
+        candidates.insert(session);
+        self.keys.insert(
+            key.clone(),
+            KeyState {
+                spec,
+                candidates,
+                slots: vec![None; spec.slots as usize],
+                handed_over_by: vec![None; spec.slots as usize],
+                queue: Queue { next_seq: self.last_seq + 1, ..Queue::default() },
+                schedule,
+            },
+        );
+        for slot in 0..spec.slots {
+            self.vacant.insert((key.clone(), slot));
+        }
     }
 
     fn unregister(&mut self, session: SessionId, key: &Key, epoch: u64) -> Outcome {
@@ -485,16 +535,23 @@ impl ClusterState {
         let Some(Some(owner)) = k.slots.get(slot as usize).copied() else { return };
         k.slots[slot as usize] = None;
         k.handed_over_by[slot as usize] = handed_over_by;
+        if let Some(schedule) = k.schedule.as_mut() {
+            schedule.owner_gone();
+        }
         if let Some(s) = self.sessions.get_mut(&owner.session) {
             s.owned.remove(&(key.clone(), slot));
         }
         self.vacant.insert((key.clone(), slot));
     }
 
-    /// Drops a key nobody can run and nobody has sent anything to.
+    /// Drops a key nobody can run and nobody has sent anything to. A schedule is kept: its
+    /// high-water mark must outlive every process that runs it, or a restart of the whole
+    /// cluster would fire its ticks again.
     fn forget_key_if_idle(&mut self, key: &Key) {
         let idle = match self.keys.get(key) {
-            Some(k) => k.candidates.is_empty() && k.queue.messages.is_empty(),
+            Some(k) => {
+                k.candidates.is_empty() && k.queue.messages.is_empty() && k.schedule.is_none()
+            }
             None => false,
         };
         if idle && let Some(k) = self.keys.remove(key) {
@@ -505,6 +562,18 @@ impl ClusterState {
     }
 
     fn send(&mut self, key: &Key, payload: &Payload, request: RequestId, floor: u64) -> Outcome {
+        self.deduplicated(request, floor, |state| state.enqueue(key, payload))
+    }
+
+    /// Applies a client request once: a retry of a request at or above its client's floor
+    /// gets the first answer again, and one below the floor (or from a stale process) is
+    /// refused. Outcomes are recorded, refusals included, so a retry never acts twice.
+    fn deduplicated(
+        &mut self,
+        request: RequestId,
+        floor: u64,
+        act: impl FnOnce(&mut ClusterState) -> Outcome,
+    ) -> Outcome {
         let client = request.client;
         match self.nodes.get(&client.node) {
             Some(rec) if rec.incarnation == client.incarnation => {}
@@ -521,7 +590,7 @@ impl ClusterState {
             window.floor = floor;
             window.answered = window.answered.split_off(&floor);
         }
-        let outcome = self.enqueue(key, payload);
+        let outcome = act(self);
         if let Some(window) = self.clients.get_mut(&client)
             && request.serial >= window.floor
         {
@@ -535,6 +604,9 @@ impl ClusterState {
         let Some(k) = self.keys.get_mut(key) else {
             return Outcome::Rejected(Rejection::NoSuchKey);
         };
+        if k.schedule.is_some() {
+            return Outcome::Rejected(Rejection::TakesNoMessages);
+        }
         let size = payload.len() as u64;
         if size > u64::from(limits.max_payload_bytes) {
             return Outcome::Rejected(Rejection::PayloadTooLarge {
@@ -634,8 +706,15 @@ impl ClusterState {
             if k.slots.len() != k.spec.slots as usize || k.handed_over_by.len() != k.slots.len() {
                 return Err(format!("key {key}: slot vectors disagree with spec"));
             }
-            if k.candidates.is_empty() && k.queue.messages.is_empty() {
+            if k.candidates.is_empty() && k.queue.messages.is_empty() && k.schedule.is_none() {
                 return Err(format!("key {key}: idle key kept"));
+            }
+            match &k.schedule {
+                Some(s) if k.spec.kind == KeyKind::Schedule && k.queue.messages.is_empty() => {
+                    self.check_schedule(key, s)?
+                }
+                None if k.spec.kind != KeyKind::Schedule => {}
+                _ => return Err(format!("key {key}: schedule state disagrees with its kind")),
             }
             let mut owners = BTreeSet::new();
             for (slot, owner) in k.slots.iter().enumerate() {
