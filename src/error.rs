@@ -1,7 +1,9 @@
 //! The errors the public API returns.
 
 use crate::config::TimingError;
-use highlander_core::{Key, KeyError, KeySpec, LimitsError, NodeId, Rejection, TransportError};
+use highlander_core::{
+    Key, KeyError, KeySpec, LimitsError, NodeId, Rejection, ScheduleError, TransportError,
+};
 
 /// A configuration the node refused to start with.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -153,6 +155,20 @@ pub enum Error {
     /// A membership change was refused; the text says why and what to do.
     #[error("membership: {0}")]
     Membership(String),
+    /// The schedule cannot be run; the error says what to change.
+    #[error("schedule {key}: {error}")]
+    InvalidSchedule {
+        /// The key.
+        key: Key,
+        /// What is wrong.
+        error: ScheduleError,
+    },
+    /// The key is not a schedule.
+    #[error("{key} is not a schedule")]
+    NotASchedule {
+        /// The key.
+        key: Key,
+    },
     /// The state machine refused the command for a reason not listed above.
     #[error("refused: {0}")]
     Rejected(Rejection),

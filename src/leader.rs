@@ -55,6 +55,7 @@ pub(crate) async fn keepalive(
     from: NodeId,
     session: SessionId,
     lapsed_ms: u64,
+    wall_ms: u64,
 ) -> KeepAliveReply {
     let now = shared.now_millis();
     {
@@ -78,6 +79,9 @@ pub(crate) async fn keepalive(
         if node != from {
             warn!(node = %shared.id, %from, %session, owner = %node, "keepalive for another node's session ignored");
             return KeepAliveReply::Unconfirmed;
+        }
+        if from != shared.id {
+            shared.cluster_clock.heard(from, wall_ms);
         }
         // A lapse is acted on once the node has been past its deadline for a margin on its
         // own clock, the clock its supervisor aborted the tasks by: another node starts the
@@ -130,6 +134,10 @@ pub(crate) async fn confirm_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Pen
                         // The committed membership: a change still on its way (that may yet
                         // be lost with this leadership) decides nothing.
                         let members = applied.membership.membership();
+                        let nodes: std::collections::BTreeSet<NodeId> =
+                            applied.state.sessions.values().map(|s| s.node()).collect();
+                        let cluster_ms =
+                            shared.cluster_clock.cluster_ms(shared.id, nodes.len() / 2 + 1);
                         batch
                             .iter()
                             .map(|p| match applied.state.sessions.get(&p.session) {
@@ -141,7 +149,7 @@ pub(crate) async fn confirm_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Pen
                                     if table.may_renew(p.session)
                                         && !applied.state.is_superseded(p.session) =>
                                 {
-                                    KeepAliveReply::Renewed
+                                    KeepAliveReply::Renewed { cluster_ms }
                                 }
                                 _ => KeepAliveReply::SessionEnded,
                             })

@@ -22,6 +22,10 @@
 //!   to the key's owner, across owner crashes and leader changes.
 //! - Crash failover takes about the session TTL (2 s by default); a graceful
 //!   [`Node::shutdown`] hands keys over in milliseconds.
+//! - A schedule's tick ([`Node::cron`], [`Node::every`]) is fired at most once across the
+//!   cluster and never before its time on the cluster's clock (the median of the nodes' wall
+//!   clocks); its run is at-least-once by default. Schedules are the one feature that reads
+//!   the time of day, and they need a majority of clocks synchronised (NTP).
 //!
 //! # A tour
 //!
@@ -61,6 +65,7 @@ mod node;
 mod observer;
 mod proposer;
 mod raft;
+mod schedule;
 mod session;
 mod supervisor;
 mod task;
@@ -70,18 +75,21 @@ pub use clock::{SystemClock, WallClock};
 pub use config::{Timing, TimingError};
 pub use error::{ConfigError, Error};
 pub use file_config::NodeConfig;
+pub use highlander_core::wire::ScheduleReport;
 pub use highlander_core::wire::{
     KeyReport, MemberReport, MembershipReport, NetworkReport, OverrunReport, OwnerReport, Phase,
     SessionReport, StatusReport,
 };
 pub use highlander_core::{
-    IntoKey, Key, KeyError, KeyKind, KeySpec, Limits, Message, NodeId, Payload, Rejection, Seq,
-    SessionId, Token, Transport, TransportError,
+    CatchUp, Delivery, IntoKey, Key, KeyError, KeyKind, KeySpec, Limits, Message, NodeId, Overlap,
+    Payload, Rejection, ScheduleError, ScheduleSpec, Seq, SessionId, TickOrigin, Token, Transport,
+    TransportError, Trigger,
 };
 pub use inspect::{DataDirReport, DumpedEntry, dump_data_dir, verify_data_dir};
 pub use node::{Node, NodeBuilder};
 pub use observer::Observer;
 pub use raft::store::{DiskStorage, MemStorage, Storage};
+pub use schedule::{MISFIRE_GRACE, ScheduleOptions, TickContext};
 pub use task::{RestartPolicy, TaskContext, TaskOptions, TaskResult};
 pub use watchdog::FAIL_STOP_EXIT_CODE;
 

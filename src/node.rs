@@ -1,6 +1,6 @@
 //! A node: the public handle, its builder, and the state its loops share.
 
-use crate::clock::{LeaseClock, SystemClock, WallClock};
+use crate::clock::{ClusterClock, LeaseClock, SystemClock, WallClock};
 use crate::config::Timing;
 use crate::error::{ConfigError, Error};
 use crate::file_config::NodeConfig;
@@ -20,7 +20,7 @@ use highlander_core::wire::{
 };
 use highlander_core::{
     BoxFuture, ClientId, Command, IntoKey, Key, KeySpec, Limits, Millis, NodeId, Outcome, Payload,
-    Rejection, RequestHandler, RequestId, Seq, SessionId, Transport,
+    Rejection, RequestHandler, RequestId, ScheduleSpec, Seq, SessionId, Transport,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -35,8 +35,26 @@ use tracing::{info, warn};
 /// A handler registered on this node, with how its key runs.
 pub(crate) struct HandlerEntry {
     pub(crate) spec: KeySpec,
+    /// For a schedule: the schedule.
+    pub(crate) schedule: Option<Box<ScheduleSpec>>,
     pub(crate) options: TaskOptions,
     pub(crate) run: BoxedHandler,
+}
+
+impl HandlerEntry {
+    /// The command that registers this handler's key under `session`.
+    pub(crate) fn registration(&self, session: SessionId, key: &Key, epoch: u64) -> Command {
+        match &self.schedule {
+            Some(schedule) => Command::RegisterSchedule {
+                session,
+                key: key.clone(),
+                schedule: schedule.clone(),
+                epoch,
+                tzdb: highlander_core::tzdb_version().to_string(),
+            },
+            None => Command::Register { session, key: key.clone(), spec: self.spec, epoch },
+        }
+    }
 }
 
 /// What the node's loops share.
@@ -56,6 +74,8 @@ pub(crate) struct Shared {
     pub(crate) boot: BootState,
     /// The clock leases are measured with.
     pub(crate) clock: LeaseClock,
+    /// The cluster's time of day, which schedules fire by.
+    pub(crate) cluster_clock: Arc<ClusterClock>,
     /// Sees tasks that outlive their lease.
     pub(crate) watch: Arc<NodeWatch>,
     client: Mutex<ClientId>,
@@ -116,6 +136,12 @@ impl Shared {
         self.epochs.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// A request id for a de-duplicated write, with the floor of ids still in flight; the
+    /// guard keeps the id in flight until dropped.
+    pub(crate) fn begin_request(&self) -> (u64, u64, impl Drop + '_) {
+        self.requests.begin()
+    }
+
     pub(crate) fn handlers(&self) -> MutexGuard<'_, BTreeMap<Key, Arc<HandlerEntry>>> {
         self.handlers.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -152,7 +178,13 @@ impl Shared {
     /// The report `status` returns and peers get for [`Request::Status`].
     pub(crate) fn status(&self) -> StatusReport {
         let applied = self.applied.read();
-        let (sessions, keys) = applied.state.report();
+        let (sessions, mut keys) = applied.state.report();
+        let cluster_now = self.cluster_clock.now_ms();
+        for k in &mut keys {
+            if let Some(s) = k.schedule.as_mut() {
+                s.fill_next(cluster_now, 10);
+            }
+        }
         let lease = self.lease();
         let (overruns, overruns_total) = self.watch.overruns();
         let lease_left_ms = lease.deadline.map(|d| {
@@ -171,6 +203,15 @@ impl Shared {
             warnings.push(format!("the node has stopped: {e}"));
         }
         warnings.extend(self.raft.timing_warning());
+        let offset = self.cluster_clock.offset_ms();
+        if offset.unsigned_abs() > 1_000 {
+            warnings.push(format!(
+                "this node's wall clock is {} ms {} the cluster's time of day; schedules fire by \
+                 the cluster's time, but check NTP on this machine",
+                offset.unsigned_abs(),
+                if offset > 0 { "behind" } else { "ahead of" }
+            ));
+        }
         if let Some(left) = lease_left_ms.filter(|l| *l < 0) {
             warnings.push(format!(
                 "this node's lease lapsed {} ms ago: its tasks are stopped until a new session \
@@ -377,7 +418,8 @@ impl NodeBuilder {
         self
     }
 
-    /// The wall clock (default: the system's). Only a node's incarnation reads it.
+    /// The wall clock (default: the system's). A node's incarnation reads it, and schedules
+    /// fire by the cluster's time of day, the lower median of the nodes' wall clocks.
     pub fn clock(mut self, clock: impl WallClock) -> Self {
         self.clock = Arc::new(clock);
         self
@@ -469,6 +511,7 @@ impl NodeBuilder {
         let clock = LeaseClock::new(self.clock_rate);
         let watch = NodeWatch::new(id, self.timing.lease_margin / 2, self.fail_stop);
         let raft = RaftNode::new(id, self.timing);
+        let cluster_clock = Arc::new(ClusterClock::new(self.clock.clone()));
         let mut tasks = JoinSet::new();
         let path = WritePath {
             raft: raft.clone(),
@@ -476,6 +519,8 @@ impl NodeBuilder {
             attempt_timeout: self.timing.election_bound(),
             retry_pause: self.timing.heartbeat,
             in_flight,
+            clock: cluster_clock.clone(),
+            applied: applied.clone(),
         };
         let proposer = Proposer::start(path, self.timing.write_timeout, &mut tasks);
         let (leader, keepalives) = LeaderState::new();
@@ -492,6 +537,7 @@ impl NodeBuilder {
             observer: self.observer,
             boot: BootState::new(id.0, opened.identity, opened.blank),
             clock,
+            cluster_clock,
             watch,
             client: Mutex::new(ClientId { node: id, incarnation }),
             lease: watch::channel(Lease::default()).0,
@@ -739,6 +785,11 @@ impl Node {
         }
     }
 
+    /// The state the node's loops share, for the API's other rooms (schedules).
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     async fn register(
         &self,
         key: Key,
@@ -746,25 +797,52 @@ impl Node {
         options: TaskOptions,
         run: BoxedHandler,
     ) -> Result<(), Error> {
+        self.register_entry(key, HandlerEntry { spec, schedule: None, options, run }).await
+    }
+
+    /// Registers a schedule's runner as the handler of its key.
+    pub(crate) async fn register_schedule(
+        &self,
+        key: Key,
+        schedule: ScheduleSpec,
+        run: BoxedHandler,
+    ) -> Result<(), Error> {
+        // The runner ends its runs itself; a runner that returns is restarted in place.
+        let entry = HandlerEntry {
+            spec: KeySpec::schedule(),
+            schedule: Some(Box::new(schedule)),
+            options: TaskOptions::default(),
+            run,
+        };
+        self.register_entry(key, entry).await
+    }
+
+    async fn register_entry(&self, key: Key, entry: HandlerEntry) -> Result<(), Error> {
         self.check_running()?;
+        let entry = Arc::new(entry);
         let epoch = {
             let mut handlers = self.shared.handlers();
             if handlers.contains_key(&key) {
                 return Err(Error::AlreadyRegistered { key });
             }
-            handlers.insert(key.clone(), Arc::new(HandlerEntry { spec, options, run }));
+            handlers.insert(key.clone(), entry.clone());
             self.shared.next_epoch()
         };
         // Nothing runs a key this node could not register (an error, or the caller dropped
         // the future): the handler goes, and a registration that lands anyway is withdrawn
         // by the supervisor.
         let mut pending = PendingRegistration { shared: &self.shared, key: &key, done: false };
-        let result = self.register_in_cluster(&key, spec, epoch).await;
+        let result = self.register_in_cluster(&key, &entry, epoch).await;
         pending.done = result.is_ok();
         result
     }
 
-    async fn register_in_cluster(&self, key: &Key, spec: KeySpec, epoch: u64) -> Result<(), Error> {
+    async fn register_in_cluster(
+        &self,
+        key: &Key,
+        entry: &HandlerEntry,
+        epoch: u64,
+    ) -> Result<(), Error> {
         let timeout = self.shared.timing.write_timeout;
         let deadline = Instant::now() + timeout;
         loop {
@@ -774,7 +852,7 @@ impl Node {
                 ));
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let command = Command::Register { session, key: key.clone(), spec, epoch };
+            let command = entry.registration(session, key, epoch);
             let outcome = self.shared.proposer.write_within(vec![command], remaining).await;
             match outcome.map(|mut o| o.pop()) {
                 Ok(Some(Outcome::Registered)) => return Ok(()),
@@ -1114,7 +1192,15 @@ impl RequestHandler for Inbound {
                     // Give up before the forwarding node does, so an answer is not lost
                     // to a race between the two timeouts.
                     let timeout = shared.timing.election_bound() * 3 / 4;
-                    Response::Write(match shared.raft.write(commands, timeout).await {
+                    let written = crate::proposer::write_local(
+                        &shared.raft,
+                        &shared.cluster_clock,
+                        &shared.applied,
+                        commands,
+                        timeout,
+                    )
+                    .await;
+                    Response::Write(match written {
                         Ok(outcomes) => Ok(outcomes),
                         Err(LocalWriteError::NotLeader(leader)) => {
                             Err(WriteRefusal::NotLeader { leader })
@@ -1125,12 +1211,15 @@ impl RequestHandler for Inbound {
                         Err(LocalWriteError::Stopped(e)) => Err(WriteRefusal::Unavailable(e)),
                     })
                 }
-                Request::KeepAlive { session, lapsed_ms } => {
-                    Response::KeepAlive(leader::keepalive(&shared, from, session, lapsed_ms).await)
-                }
+                Request::KeepAlive { session, lapsed_ms, wall_ms } => Response::KeepAlive(
+                    leader::keepalive(&shared, from, session, lapsed_ms, wall_ms).await,
+                ),
                 Request::Status => Response::Status(Box::new(shared.status())),
                 Request::Ping => Response::Pong,
                 Request::Hello => Response::Hello(membership::hello(&shared)),
+                Request::Schedule { key, op } => Response::Schedule(
+                    crate::schedule::control(&shared, key, op).await.map_err(|e| e.to_string()),
+                ),
                 Request::Membership(request) => {
                     Response::Membership(membership::serve(&shared, from, request).await)
                 }

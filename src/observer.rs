@@ -1,6 +1,6 @@
 //! A hook that sees what a node's tasks do, for simulators and invariant checkers.
 
-use highlander_core::{Key, NodeId, Payload, Seq, Token};
+use highlander_core::{Key, NodeId, Payload, Seq, TickOrigin, Token};
 
 /// Receives a node's task events as they happen. The simulator's invariant checker is one;
 /// production code rarely needs one (use `tracing` instead).
@@ -29,5 +29,26 @@ pub trait Observer: Send + Sync + 'static {
         payload: &Payload,
     ) {
         let _ = (node, key, token, seq, payload);
+    }
+
+    /// A run of a schedule's tick is about to run its first poll, under the ownership with
+    /// `token`: nominal time `tick_ms`, run id `run` (one per fire), `attempt` from 1.
+    #[allow(clippy::too_many_arguments)]
+    fn tick_started(
+        &self,
+        node: NodeId,
+        key: &Key,
+        token: Token,
+        run: u64,
+        tick_ms: u64,
+        attempt: u32,
+        origin: TickOrigin,
+    ) {
+        let _ = (node, key, token, run, tick_ms, attempt, origin);
+    }
+
+    /// The run has stopped (returned, panicked, was aborted, or its node was killed).
+    fn tick_stopped(&self, node: NodeId, key: &Key, token: Token, run: u64) {
+        let _ = (node, key, token, run);
     }
 }

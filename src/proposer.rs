@@ -9,6 +9,8 @@
 //! Retrying is safe because every command is idempotent or de-duplicated: `Send` carries a
 //! request id, the others are refused harmlessly when they have become stale.
 
+use crate::clock::{ClusterClock, stamp_for};
+use crate::raft::store::AppliedState;
 use crate::raft::{LocalWriteError, RaftNode};
 use highlander_core::wire::{Request, Response, WriteRefusal};
 use highlander_core::{Command, NodeId, Outcome, Transport};
@@ -67,6 +69,10 @@ pub(crate) struct WritePath {
     pub(crate) retry_pause: Duration,
     /// Entries written concurrently ([`IN_FLIGHT_MEMORY`] or [`IN_FLIGHT_DISK`]).
     pub(crate) in_flight: usize,
+    /// The cluster's time, stamped on entries that need it when this node leads.
+    pub(crate) clock: Arc<ClusterClock>,
+    /// The applied state, to know how many clocks the cluster's time needs.
+    pub(crate) applied: Arc<AppliedState>,
 }
 
 impl Proposer {
@@ -174,12 +180,16 @@ pub(crate) async fn write_with_retries(
         let target = redirect.take().or_else(|| path.raft.leader_hint());
         let result = match target {
             None => Err(None),
-            Some(t) if t == me => match path.raft.write(commands.clone(), attempt).await {
-                Ok(o) => Ok(o),
-                Err(LocalWriteError::NotLeader(hint)) => Err(hint.filter(|h| *h != me)),
-                Err(LocalWriteError::Timeout) => Err(None),
-                Err(LocalWriteError::Stopped(e)) => return Err(WriteError::Stopped(e)),
-            },
+            Some(t) if t == me => {
+                match write_local(&path.raft, &path.clock, &path.applied, commands.clone(), attempt)
+                    .await
+                {
+                    Ok(o) => Ok(o),
+                    Err(LocalWriteError::NotLeader(hint)) => Err(hint.filter(|h| *h != me)),
+                    Err(LocalWriteError::Timeout) => Err(None),
+                    Err(LocalWriteError::Stopped(e)) => return Err(WriteError::Stopped(e)),
+                }
+            }
             Some(t) => forward(path, t, &commands, attempt).await,
         };
         match result {
@@ -203,6 +213,44 @@ pub(crate) async fn write_with_retries(
         let pause = path.retry_pause.min(deadline.saturating_duration_since(Instant::now()));
         tokio::time::sleep(pause).await;
     }
+}
+
+/// Writes `commands` as one entry through this node's Raft (it must lead), with the
+/// cluster's time stamped in front if a command needs it; returns one outcome per command
+/// given. A leader that has not heard enough clocks yet (it has just been elected) answers
+/// as if it had timed out, and the writer tries again.
+pub(crate) async fn write_local(
+    raft: &RaftNode,
+    clock: &ClusterClock,
+    applied: &AppliedState,
+    commands: Vec<Command>,
+    timeout: Duration,
+) -> Result<Vec<Outcome>, LocalWriteError> {
+    let stamped = stamp_for(&commands).map_err(LocalWriteError::Stopped)?;
+    if !stamped {
+        return raft.write(commands, timeout).await;
+    }
+    // A majority of the nodes with sessions, this one included.
+    let needed = {
+        let a = applied.read();
+        let nodes: std::collections::BTreeSet<NodeId> =
+            a.state.sessions.values().map(|s| s.node()).collect();
+        nodes.len() / 2 + 1
+    };
+    let Some(now) = clock.cluster_ms(raft.id(), needed) else {
+        return Err(match raft.leader_hint() {
+            Some(l) if l != raft.id() => LocalWriteError::NotLeader(Some(l)),
+            _ => LocalWriteError::Timeout,
+        });
+    };
+    let mut entry = Vec::with_capacity(commands.len() + 1);
+    entry.push(Command::Stamp { wall_ms: now });
+    entry.extend(commands);
+    let mut outcomes = raft.write(entry, timeout).await?;
+    if !outcomes.is_empty() {
+        outcomes.remove(0);
+    }
+    Ok(outcomes)
 }
 
 /// Sends the commands to `leader`. `Err(Some(n))` means "try `n`", `Err(None)` "try again".

@@ -19,9 +19,7 @@ use crate::node::Shared;
 use crate::proposer::WriteError;
 use crate::task::Lease;
 use highlander_core::wire::{KeepAliveReply, Request, Response};
-use highlander_core::{
-    ClientId, Command, KeySpec, LeaseTerms, NodeId, Outcome, Rejection, SessionId,
-};
+use highlander_core::{ClientId, Command, LeaseTerms, NodeId, Outcome, Rejection, SessionId};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info, warn};
@@ -33,8 +31,18 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     loop {
         let Some(session) = open(&shared, &mut attempt, storage).await else { return };
         shared.set_lease(Lease { session: Some(session), deadline: None });
-        register_all(&shared, session).await;
-        keep_alive(&shared, session).await;
+        // Keepalives start at once, beside the registrations: a schedule's registration
+        // waits for the leader to hear a majority of wall clocks, which keepalives carry.
+        let registering = register_all(&shared, session);
+        let keeping = keep_alive(&shared, session);
+        tokio::pin!(registering, keeping);
+        let mut registered = false;
+        loop {
+            tokio::select! {
+                _ = &mut registering, if !registered => registered = true,
+                _ = &mut keeping => break,
+            }
+        }
         if shared.is_stopping() {
             // A graceful stop: the lease stays as it is, so its deadline still bounds how long
             // the supervisor lets tasks finish; it is never renewed again.
@@ -145,32 +153,39 @@ async fn open(shared: &Arc<Shared>, attempt: &mut u32, storage: u64) -> Option<S
 
 /// Registers every local handler under the new session.
 async fn register_all(shared: &Arc<Shared>, session: SessionId) {
-    let keys: Vec<(highlander_core::Key, KeySpec, u64)> = {
+    let (keys, commands): (Vec<highlander_core::Key>, Vec<Command>) = {
         let handlers = shared.handlers();
-        handlers.iter().map(|(k, h)| (k.clone(), h.spec, shared.next_epoch())).collect()
+        handlers
+            .iter()
+            .map(|(k, h)| (k.clone(), h.registration(session, k, shared.next_epoch())))
+            .unzip()
     };
-    if keys.is_empty() {
-        return;
-    }
-    let commands = keys
-        .iter()
-        .map(|(key, spec, epoch)| Command::Register {
-            session,
-            key: key.clone(),
-            spec: *spec,
-            epoch: *epoch,
-        })
-        .collect();
-    match shared.proposer.write(commands).await {
-        Ok(outcomes) => {
-            for ((key, _, _), o) in keys.iter().zip(outcomes) {
-                if o != Outcome::Registered {
-                    warn!(node = %shared.id, %key, outcome = %o, "registration refused");
-                }
-            }
+    // Keys that need no time stamp first: they never wait for the cluster's clock.
+    let (stamped, plain): (Vec<_>, Vec<_>) =
+        keys.into_iter().zip(commands).partition(|(_, c)| c.needs_stamp());
+    for batch in [plain, stamped] {
+        if batch.is_empty() {
+            continue;
         }
-        Err(e) => {
-            warn!(node = %shared.id, error = ?e, "re-registration failed; the supervisor will retry")
+        let (keys, commands): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        // Until written: the write is idempotent, and this future is dropped when the
+        // session ends.
+        loop {
+            match shared.proposer.write(commands.clone()).await {
+                Ok(outcomes) => {
+                    for (key, o) in keys.iter().zip(outcomes) {
+                        if o != Outcome::Registered {
+                            warn!(node = %shared.id, %key, outcome = %o, "registration refused");
+                        }
+                    }
+                    break;
+                }
+                Err(e) if !shared.is_stopping() => {
+                    warn!(node = %shared.id, error = ?e, "registering the handlers failed; trying again");
+                    tokio::time::sleep(shared.timing.heartbeat * 2).await;
+                }
+                Err(_) => return,
+            }
         }
     }
 }
@@ -210,13 +225,14 @@ async fn keep_alive(shared: &Arc<Shared>, session: SessionId) {
             peers.get(turn % peers.len().max(1)).copied()
         });
         let sent = tokio::time::Instant::now();
+        let wall_ms = shared.cluster_clock.wall_ms();
         let reply = match target {
             None => KeepAliveReply::Unconfirmed,
             Some(t) if t == shared.id => {
-                leader::keepalive(shared, shared.id, session, lapsed_ms).await
+                leader::keepalive(shared, shared.id, session, lapsed_ms, wall_ms).await
             }
             Some(t) => {
-                let request = Request::KeepAlive { session, lapsed_ms };
+                let request = Request::KeepAlive { session, lapsed_ms, wall_ms };
                 match shared.transport.request(t, request, rpc_timeout).await {
                     Ok(Response::KeepAlive(r)) => {
                         shared.raft.peer_health().round_trip(sent.elapsed());
@@ -231,7 +247,10 @@ async fn keep_alive(shared: &Arc<Shared>, session: SessionId) {
             }
         };
         match reply {
-            KeepAliveReply::Renewed => {
+            KeepAliveReply::Renewed { cluster_ms } => {
+                if let Some(c) = cluster_ms {
+                    shared.cluster_clock.learn(c);
+                }
                 let until = t_send + ttl - timing.lease_margin;
                 let lease = shared.lease();
                 // Never after a lapse (final), never backwards.

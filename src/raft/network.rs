@@ -141,6 +141,7 @@ pub(crate) fn response_kind(r: &Response) -> &'static str {
         Response::WrongMember { .. } => "wrong-member",
         Response::Hello(_) => "hello",
         Response::Membership(_) => "membership",
+        Response::Schedule(_) => "schedule",
     }
 }
 

@@ -9,7 +9,7 @@
 #![allow(clippy::result_large_err)]
 
 use super::{LogId, Member, TypeConfig};
-use highlander_core::{ClusterState, Outcome, codec};
+use highlander_core::{ClusterState, Key, Outcome, codec};
 use highlander_wal::{
     Fs, Identity, IoMode, LockWatch, RealFs, SealedSnapshot, SnapshotStore, SnapshotWriter,
 };
@@ -19,7 +19,7 @@ use openraft::{
     StorageError, StoredMembership, Vote,
 };
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::path::PathBuf;
@@ -705,6 +705,9 @@ pub(crate) struct Applied {
 pub(crate) struct AppliedState {
     inner: RwLock<Applied>,
     index: watch::Sender<u64>,
+    /// Per key, the index of the last entry that named it: a task that follows one key (a
+    /// schedule's runner) wakes for its key only, not for every entry of a busy cluster.
+    keys: Mutex<BTreeMap<Key, watch::Sender<u64>>>,
 }
 
 impl AppliedState {
@@ -716,7 +719,27 @@ impl AppliedState {
                 membership: StoredMembership::default(),
             }),
             index: watch::channel(0).0,
+            keys: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// A receiver notified whenever an applied entry names `key` (and after a snapshot is
+    /// installed). Ownership lost through a session's end names no key: watch the task's
+    /// context for that.
+    pub(crate) fn watch_key(&self, key: &Key) -> watch::Receiver<u64> {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        keys.retain(|_, tx| tx.receiver_count() > 0);
+        keys.entry(key.clone()).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    /// Notifies the watchers of `touched` (of every key if `None`).
+    fn notify_keys(&self, touched: Option<&BTreeSet<Key>>, index: u64) {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, tx) in keys.iter() {
+            if touched.is_none_or(|t| t.contains(key)) {
+                tx.send_replace(index);
+            }
+        }
     }
 
     /// Reads the applied state. Hold the guard briefly and never across an await.
@@ -826,6 +849,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let mut out = Vec::new();
+        let mut touched = BTreeSet::new();
         let index = {
             let mut a = self.applied.write();
             for entry in entries {
@@ -833,6 +857,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 match entry.payload {
                     EntryPayload::Blank => out.push(Vec::new()),
                     EntryPayload::Normal(batch) => {
+                        touched.extend(batch.0.iter().filter_map(|c| c.key().cloned()));
                         out.push(a.state.apply_entry(entry.log_id.leader_id.term, &batch.0))
                     }
                     EntryPayload::Membership(m) => {
@@ -844,6 +869,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             a.last_applied.map(|l| l.index).unwrap_or(0)
         };
         self.applied.notify(index);
+        self.applied.notify_keys(None, index);
+        self.applied.notify_keys(Some(&touched), index);
         Ok(out)
     }
 

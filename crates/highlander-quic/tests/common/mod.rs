@@ -38,6 +38,7 @@ impl RequestHandler for Echo {
             Request::Ping => "ping",
             Request::Hello => "hello",
             Request::Membership(_) => "membership",
+            Request::Schedule { .. } => "schedule",
         };
         self.seen.lock().unwrap().push((from, kind));
         let id = self.id;
@@ -53,16 +54,17 @@ impl RequestHandler for Echo {
                 // `lapsed_ms` doubles as "take this long to answer".
                 Request::KeepAlive { lapsed_ms, .. } => {
                     tokio::time::sleep(Duration::from_millis(lapsed_ms)).await;
-                    Response::KeepAlive(KeepAliveReply::Renewed)
+                    Response::KeepAlive(KeepAliveReply::Renewed { cluster_ms: None })
                 }
                 Request::Ping => Response::Pong,
                 Request::Status => Response::Status(Box::new(StatusReport {
                     node: Some(id),
                     ..Default::default()
                 })),
-                Request::Write(_) | Request::Hello | Request::Membership(_) => {
-                    Response::Refused("not served here".into())
-                }
+                Request::Write(_)
+                | Request::Hello
+                | Request::Membership(_)
+                | Request::Schedule { .. } => Response::Refused("not served here".into()),
             }
         })
     }
@@ -84,7 +86,7 @@ pub fn append(bytes: &[u8]) -> Request {
 }
 
 pub fn slow(ms: u64) -> Request {
-    Request::KeepAlive { session: SessionId(1), lapsed_ms: ms }
+    Request::KeepAlive { session: SessionId(1), lapsed_ms: ms, wall_ms: 0 }
 }
 
 pub fn pem_identity(ca: &CaPem, id: u64) -> Identity {
