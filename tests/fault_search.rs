@@ -14,7 +14,7 @@
 mod common;
 
 use common::Journal;
-use highlander::{Error, Timing};
+use highlander::{Delivery, Error, Overlap, ScheduleOptions, Timing};
 use highlander_sim::{LinkFaults, SimCluster};
 use std::fmt;
 use std::time::Duration;
@@ -25,6 +25,10 @@ const KEYS: [&str; 3] = ["k0", "k1", "k2"];
 const STUBBORN: &str = "stubborn";
 const GROUP: &str = "group";
 const GROUP_SLOTS: u32 = 2;
+/// Schedules: every second with the default policies (a run of 300 ms), and every two
+/// seconds at most once with up to two runs at once (a run of 3 s). The checker watches
+/// their ticks: fired once, never early, in order, only under ownership.
+const SCHEDULES: [&str; 2] = ["tick", "tock"];
 
 /// The singletons a node may withdraw from: the plain keys, then the stubborn one.
 fn withdrawable(i: usize) -> &'static str {
@@ -232,6 +236,19 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                 }
                 node.exclusive(GROUP, GROUP_SLOTS, j.consumer()).await?;
                 node.singleton(STUBBORN, j.stubborn()).await?;
+                let work = |ms| {
+                    move |t: highlander::TickContext| async move {
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+                            _ = t.cancelled() => {}
+                        }
+                    }
+                };
+                node.every(SCHEDULES[0], Duration::from_secs(1), work(300)).await?;
+                let options = ScheduleOptions::default()
+                    .overlap(Overlap::AllowAll { max: 2 })
+                    .delivery(Delivery::AtMostOnce);
+                node.every_with(SCHEDULES[1], Duration::from_secs(2), options, work(3000)).await?;
                 Ok(())
             }
         })
@@ -420,6 +437,7 @@ async fn run_seed(seed: u64) -> Result<String, String> {
             let expected = KEYS
                 .iter()
                 .chain([&STUBBORN])
+                .chain(SCHEDULES.iter())
                 .map(|k| (*k, 0))
                 .chain((0..GROUP_SLOTS).map(|i| (GROUP, i)));
             expected.into_iter().all(|(k, slot)| {
@@ -446,6 +464,38 @@ async fn run_seed(seed: u64) -> Result<String, String> {
             sim.checker().running()
         ));
     };
+    // Schedules fire again: a tick due after the faults stopped runs.
+    let after_ms = sim.wall_ms();
+    let ticking = sim
+        .wait_until(bound, |s| {
+            SCHEDULES.iter().all(|k| {
+                let key = highlander::Key::new(*k).unwrap();
+                s.checker().tick_runs(&key).iter().any(|r| r.tick_ms > after_ms)
+            })
+        })
+        .await;
+    if ticking.is_none() {
+        return Err("liveness: a schedule does not fire after the faults stopped".into());
+    }
+    // Exactly once from then on: every tick of 8 s fires (the checker already holds that
+    // none fires twice). The window opens once a caught-up run of "tock" (3 s) has ended,
+    // since a third run at once is an overlap its policy skips.
+    let from_ms = sim.wall_ms() + 4000;
+    sim.run_for(Duration::from_secs(13)).await;
+    let to_ms = from_ms + 8000;
+    for (k, period) in SCHEDULES.iter().zip([1000u64, 2000]) {
+        let key = highlander::Key::new(*k).unwrap();
+        let fired: std::collections::BTreeSet<u64> =
+            sim.checker().tick_runs(&key).iter().map(|r| r.tick_ms).collect();
+        let first = from_ms.div_ceil(period) * period;
+        let lost: Vec<u64> =
+            (first..=to_ms).step_by(period as usize).filter(|t| !fired.contains(t)).collect();
+        if !lost.is_empty() {
+            return Err(format!(
+                "liveness: {k}'s ticks {lost:?} did not fire after the faults stopped"
+            ));
+        }
+    }
     let delivered = sim.wait_until(bound, |s| s.checker().check_all_delivered().is_ok()).await;
     if delivered.is_none() {
         let e = sim.checker().check_all_delivered().unwrap_err();

@@ -12,16 +12,22 @@
 //! 4. no acknowledged message is lost or reordered: consecutive seqs within one run, a new
 //!    run never skips a message nobody has taken, and one (key, seq) always has one payload;
 //! 5. at the end of a run, every acknowledged message was delivered at least once
-//!    ([`InvariantChecker::check_all_delivered`]).
+//!    ([`InvariantChecker::check_all_delivered`]);
+//! 6. to 9.: schedules' ticks fire once, in order, never early, only under their key's
+//!    ownership (see the `ticks` module).
 //!
 //! The checker never panics, whatever it is fed: an odd sequence of events is reported as a
 //! violation or ignored, never trusted. All state is in `BTreeMap`s so reports are
 //! deterministic for a given seed.
 
-use highlander_core::{Key, NodeId, Payload, Seq, Token};
+use highlander_core::{Key, NodeId, Payload, Seq, TickOrigin, Token};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
+
+mod ticks;
+
+pub use ticks::TickRun;
 
 /// Something a simulated node did, as observed by the harness.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +78,36 @@ pub enum Event {
         /// The message body as the task saw it.
         payload: Payload,
     },
+    /// A node started running a schedule's tick.
+    TickStarted {
+        /// The node running it.
+        node: NodeId,
+        /// The schedule's key.
+        key: Key,
+        /// The ownership's token.
+        token: Token,
+        /// The fire it belongs to.
+        run: u64,
+        /// The tick's nominal time.
+        tick_ms: u64,
+        /// Which run of the fire, from 1.
+        attempt: u32,
+        /// Why it runs.
+        origin: TickOrigin,
+        /// The true time of day at the start (ms since the epoch), not the node's clock.
+        true_ms: u64,
+    },
+    /// A node's run of a tick stopped.
+    TickStopped {
+        /// The node that ran it.
+        node: NodeId,
+        /// The schedule's key.
+        key: Key,
+        /// The ownership's token.
+        token: Token,
+        /// The fire it belongs to.
+        run: u64,
+    },
 }
 
 /// Which promise a [`Violation`] breaks.
@@ -101,6 +137,16 @@ pub enum ViolationKind {
     InvalidSeq,
     /// An acknowledged message was never delivered by the end of the run (invariant 5).
     Undelivered,
+    /// A tick was fired twice, or one fire ran twice at once or repeated an attempt
+    /// (invariant 6).
+    TickFiredTwice,
+    /// A tick started before its nominal time, in true time (invariant 7).
+    TickEarly,
+    /// A later fire had an earlier tick (invariant 8).
+    TicksOutOfOrder,
+    /// A tick ran on a node that does not run its key's ownership with that token
+    /// (invariant 9).
+    TickWithoutOwnership,
 }
 
 impl fmt::Display for ViolationKind {
@@ -118,6 +164,10 @@ impl fmt::Display for ViolationKind {
             ViolationKind::ConflictingSend => "conflicting sends",
             ViolationKind::InvalidSeq => "invalid seq",
             ViolationKind::Undelivered => "never delivered",
+            ViolationKind::TickFiredTwice => "tick fired twice",
+            ViolationKind::TickEarly => "tick started early",
+            ViolationKind::TicksOutOfOrder => "ticks out of order",
+            ViolationKind::TickWithoutOwnership => "tick run without ownership",
         })
     }
 }
@@ -198,7 +248,35 @@ impl InvariantChecker {
             Event::TaskStopped { node, key, slot, token } => {
                 let ctx = Ctx { at, key: &key };
                 let state = self.keys.entry(key.clone()).or_default();
+                if slot == 0 {
+                    state.ticks.ownership_stopped(at, node, token);
+                }
                 state.stopped(&ctx, node, slot, token)
+            }
+            Event::TickStarted { node, key, token, run, tick_ms, attempt, origin, true_ms } => {
+                let ctx = Ctx { at, key: &key };
+                let state = self.keys.entry(key.clone()).or_default();
+                let owner_runs = state
+                    .slots
+                    .get(&0)
+                    .is_some_and(|s| s.running.iter().any(|r| r.node == node && r.token == token));
+                let run = TickRun {
+                    node,
+                    token,
+                    run,
+                    tick_ms,
+                    attempt,
+                    origin,
+                    started: at,
+                    started_ms: true_ms,
+                    stopped: None,
+                };
+                state.ticks.started(&ctx, run, owner_runs)
+            }
+            Event::TickStopped { node, key, token, run } => {
+                let state = self.keys.entry(key.clone()).or_default();
+                state.ticks.stopped(at, node, token, run);
+                Vec::new()
             }
             Event::Sent { from, key, seq, payload } => {
                 let ctx = Ctx { at, key: &key };
@@ -288,6 +366,11 @@ impl InvariantChecker {
             }
         }
         out
+    }
+
+    /// Every run of `key`'s ticks so far, in start order.
+    pub fn tick_runs(&self, key: &Key) -> Vec<TickRun> {
+        self.keys.get(key).map(|k| k.ticks.runs.clone()).unwrap_or_default()
     }
 
     /// How many events [`record`](Self::record) has seen.
@@ -381,6 +464,8 @@ struct KeyState {
     /// The first delivery of each seq to a live owner; its last entry is the highest seq
     /// anyone has taken.
     delivered: BTreeMap<Seq, DeliveryRecord>,
+    /// For a schedule: its ticks' runs.
+    ticks: ticks::TickHistory,
 }
 
 impl KeyState {

@@ -8,9 +8,10 @@ use highlander::core::BoxFuture;
 use highlander::wal::{CrashMode, SimFs};
 use highlander::{
     DiskStorage, Error, Key, Limits, MemStorage, Node, NodeId, Observer, Payload, Seq,
-    StatusReport, Storage, Timing, Token, WallClock,
+    StatusReport, Storage, TickOrigin, Timing, Token, WallClock,
 };
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -28,7 +29,12 @@ pub struct SimClusterBuilder {
     setup: Option<Setup>,
     memory: bool,
     clock_rates: BTreeMap<NodeId, f64>,
+    epoch_ms: u64,
+    wall_offsets: BTreeMap<NodeId, i64>,
 }
+
+/// 2026-01-01T00:00:00Z: where simulated wall clocks start unless told otherwise.
+pub const DEFAULT_EPOCH_MS: u64 = 1_767_225_600_000;
 
 impl Default for SimClusterBuilder {
     fn default() -> Self {
@@ -40,6 +46,8 @@ impl Default for SimClusterBuilder {
             setup: None,
             memory: false,
             clock_rates: BTreeMap::new(),
+            epoch_ms: DEFAULT_EPOCH_MS,
+            wall_offsets: BTreeMap::new(),
         }
     }
 }
@@ -89,6 +97,21 @@ impl SimClusterBuilder {
         self
     }
 
+    /// The true time of day when the cluster is built, in ms since the Unix epoch (default
+    /// 2026-01-01T00:00:00Z): to run schedules across a chosen day (a DST change, say).
+    pub fn start_time_ms(mut self, epoch_ms: u64) -> Self {
+        self.epoch_ms = epoch_ms;
+        self
+    }
+
+    /// Sets node `id`'s wall clock `offset_ms` ahead of the true time of day (behind if
+    /// negative). Leases do not read it; schedules fire by the cluster's time of day, the
+    /// lower median of the nodes' clocks, so one wrong clock does not make ticks early.
+    pub fn wall_clock_offset(mut self, id: u64, offset_ms: i64) -> Self {
+        self.wall_offsets.insert(NodeId(id), offset_ms);
+        self
+    }
+
     /// What each node runs at every start, e.g. its `singleton` registrations.
     pub fn setup<F, Fut>(mut self, setup: F) -> Self
     where
@@ -108,6 +131,12 @@ impl SimClusterBuilder {
         let net = SimNetwork::new(self.seed);
         let origin = Instant::now();
         let checker = Arc::new(Mutex::new(InvariantChecker::new()));
+        let wall_offsets = (1..=self.nodes)
+            .map(|id| {
+                let offset = self.wall_offsets.get(&NodeId(id)).copied().unwrap_or(0);
+                (NodeId(id), Arc::new(AtomicI64::new(offset)))
+            })
+            .collect();
         let mut cluster = SimCluster {
             net,
             nodes: BTreeMap::new(),
@@ -116,8 +145,10 @@ impl SimClusterBuilder {
             limits: self.limits,
             setup: self.setup,
             checker: checker.clone(),
-            observer: Arc::new(CheckerObserver { checker, origin }),
+            observer: Arc::new(CheckerObserver { checker, origin, epoch_ms: self.epoch_ms }),
             origin,
+            epoch_ms: self.epoch_ms,
+            wall_offsets,
             seed: self.seed,
             memory: self.memory,
             clock_rates: self.clock_rates,
@@ -180,6 +211,10 @@ pub struct SimCluster {
     zombies: Vec<Node>,
     /// How many times each node's disk was replaced by a blank one.
     wipes: BTreeMap<NodeId, u64>,
+    /// The true time of day at `origin`.
+    epoch_ms: u64,
+    /// How far each node's wall clock is ahead of the true time of day.
+    wall_offsets: BTreeMap<NodeId, Arc<AtomicI64>>,
 }
 
 impl SimCluster {
@@ -234,6 +269,19 @@ impl SimCluster {
     /// Simulated time since the cluster was built.
     pub fn now(&self) -> Duration {
         Instant::now() - self.origin
+    }
+
+    /// The true time of day now, in ms since the Unix epoch (no node's clock offset).
+    pub fn wall_ms(&self) -> u64 {
+        self.epoch_ms + self.now().as_millis() as u64
+    }
+
+    /// Moves node `id`'s wall clock to `offset_ms` ahead of the true time of day (behind if
+    /// negative), at once, as a clock step would.
+    pub fn set_wall_clock_offset(&self, id: impl Into<NodeId>, offset_ms: i64) {
+        if let Some(o) = self.wall_offsets.get(&id.into()) {
+            o.store(offset_ms, Ordering::Relaxed);
+        }
     }
 
     /// Lets simulated time pass.
@@ -371,7 +419,11 @@ impl SimCluster {
             .timing(self.timing)
             .limits(self.limits)
             .storage(storage)
-            .clock(SimClock { origin: self.origin })
+            .clock(SimClock {
+                origin: self.origin,
+                epoch_ms: self.epoch_ms,
+                offset_ms: self.wall_offsets.get(&id).cloned().unwrap_or_default(),
+            })
             .clock_rate(self.clock_rates.get(&id).copied().unwrap_or(1.0))
             .observer(self.observer.clone())
             .start()
@@ -515,6 +567,8 @@ fn ids(v: &[u64]) -> Vec<NodeId> {
 struct CheckerObserver {
     checker: Arc<Mutex<InvariantChecker>>,
     origin: Instant,
+    /// The true time of day at `origin`.
+    epoch_ms: u64,
 }
 
 impl CheckerObserver {
@@ -528,6 +582,33 @@ impl CheckerObserver {
 }
 
 impl Observer for CheckerObserver {
+    fn tick_started(
+        &self,
+        node: NodeId,
+        key: &Key,
+        token: Token,
+        run: u64,
+        tick_ms: u64,
+        attempt: u32,
+        origin: TickOrigin,
+    ) {
+        let true_ms = self.epoch_ms + (Instant::now() - self.origin).as_millis() as u64;
+        self.record(Event::TickStarted {
+            node,
+            key: key.clone(),
+            token,
+            run,
+            tick_ms,
+            attempt,
+            origin,
+            true_ms,
+        });
+    }
+
+    fn tick_stopped(&self, node: NodeId, key: &Key, token: Token, run: u64) {
+        self.record(Event::TickStopped { node, key: key.clone(), token, run });
+    }
+
     fn task_started(&self, node: NodeId, key: &Key, slot: u32, token: Token) {
         self.record(Event::TaskStarted { node, key: key.clone(), slot, token });
     }
@@ -554,15 +635,17 @@ impl Observer for CheckerObserver {
     }
 }
 
-/// Wall-clock time for simulated nodes: a fixed epoch plus simulated time.
+/// Wall-clock time for simulated nodes: the epoch plus simulated time plus the node's offset.
 struct SimClock {
     origin: Instant,
+    epoch_ms: u64,
+    offset_ms: Arc<AtomicI64>,
 }
 
 impl WallClock for SimClock {
     fn since_epoch(&self) -> Duration {
-        // 2026-01-01T00:00:00Z, so incarnations look like real ones.
-        Duration::from_secs(1_767_225_600) + (Instant::now() - self.origin)
+        let true_ms = self.epoch_ms as i64 + (Instant::now() - self.origin).as_millis() as i64;
+        Duration::from_millis((true_ms + self.offset_ms.load(Ordering::Relaxed)).max(0) as u64)
     }
 }
 
