@@ -8,6 +8,8 @@
 //!   tokens and queue depth; as a table, or as JSON with `--json`.
 //! - `highlander members list | add | remove | replace` shows and changes which storage of
 //!   each node votes, through the leader (a replaced machine, a removed or added node).
+//! - `highlander schedules list | show | pause | resume | trigger` shows the cluster's
+//!   schedules (owner, last and next ticks, counters, recent fires) and changes one.
 //! - `highlander wal verify` and `highlander wal dump` check and print a stopped node's data
 //!   directory.
 //! - `highlander check-config` reads a `node.toml` as a node would and says what it means.
@@ -19,6 +21,7 @@ mod args;
 mod certs;
 mod check;
 mod members;
+mod schedules;
 mod status;
 mod wal;
 
@@ -37,6 +40,9 @@ Commands:
   members add    make a node that joined as a learner a voter
   members remove remove a node from the membership (safe with it down)
   members replace  make a node's new storage the voter in place of its old one
+  schedules list   every schedule: owner, last and next tick, counters
+  schedules show   one schedule: spec, next ticks, pending and recent fires
+  schedules pause | resume | trigger   stop and restart a schedule, or run it now
   wal verify     check a stopped node's data directory
   wal dump       print the Raft log of a stopped node's data directory
   check-config   check a node.toml and print what it means
@@ -55,6 +61,11 @@ static COMMANDS: &[(&[&str], &Command, Run)] = &[
     (&["members", "add"], &members::ADD, members::add),
     (&["members", "remove"], &members::REMOVE, members::remove),
     (&["members", "replace"], &members::REPLACE, members::replace),
+    (&["schedules", "list"], &schedules::LIST, schedules::list),
+    (&["schedules", "show"], &schedules::SHOW, schedules::show),
+    (&["schedules", "pause"], &schedules::PAUSE, schedules::pause),
+    (&["schedules", "resume"], &schedules::RESUME, schedules::resume),
+    (&["schedules", "trigger"], &schedules::TRIGGER, schedules::trigger),
     (&["wal", "verify"], &wal::VERIFY, wal::verify),
     (&["wal", "dump"], &wal::DUMP, wal::dump),
     (&["check-config"], &check::CHECK_CONFIG, check::check_config),
@@ -89,8 +100,8 @@ fn run(args: &[String]) -> Result<(), CliError> {
             println!("highlander {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        [group @ ("certs" | "wal" | "members"), "-h" | "--help"]
-        | ["help", group @ ("certs" | "wal" | "members")] => {
+        [group @ ("certs" | "wal" | "members" | "schedules"), "-h" | "--help"]
+        | ["help", group @ ("certs" | "wal" | "members" | "schedules")] => {
             println!("{}", group_usage(group));
             Ok(())
         }
@@ -129,7 +140,7 @@ fn find<'a>(words: &'a [&'a str]) -> Option<(&'static Command, Run, &'a [&'a str
 fn unknown(words: &[&str]) -> CliError {
     let message = match words {
         [] => "no command given".to_string(),
-        [group @ ("certs" | "wal" | "members")] => {
+        [group @ ("certs" | "wal" | "members" | "schedules")] => {
             let subs: Vec<&str> = COMMANDS
                 .iter()
                 .filter(|(name, _, _)| name[0] == *group)
@@ -137,7 +148,7 @@ fn unknown(words: &[&str]) -> CliError {
                 .collect();
             format!("`highlander {group}` needs a subcommand: {}", subs.join(" or "))
         }
-        [group @ ("certs" | "wal" | "members"), sub, ..] => {
+        [group @ ("certs" | "wal" | "members" | "schedules"), sub, ..] => {
             format!("unknown subcommand {sub:?} of `highlander {group}`")
         }
         [first, ..] => format!("unknown command {first:?}"),

@@ -29,26 +29,8 @@ Options:
 };
 
 pub fn status(args: &Parsed) -> Result<(), CliError> {
-    let path = args.required("--config")?;
-    let node = args.number("--node", 0, u64::MAX)?.map(NodeId);
-    let timeout = Duration::from_millis(
-        args.number("--timeout-ms", 1, 3_600_000)?.unwrap_or(DEFAULT_TIMEOUT_MS),
-    );
-    let config = crate::check::read_config(path)?;
-    let target = node.unwrap_or(config.id);
-    let Some(&addr) = config.peers.get(&target) else {
-        let known: Vec<String> = config.peers.keys().map(|n| n.0.to_string()).collect();
-        return Err(args.error(format!(
-            "--node {}: not in the peer list of {path} ({})",
-            target.0,
-            known.join(", ")
-        )));
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::failed(format!("cannot start the async runtime: {e}")))?;
-    let report = runtime.block_on(ask(&config, target, addr, timeout))?;
+    let (config, target, addr, timeout) = target(args, DEFAULT_TIMEOUT_MS)?;
+    let report = runtime()?.block_on(ask(&config, target, addr, timeout))?;
     if args.switch("--json") {
         let json = serde_json::to_string_pretty(&report)
             .map_err(|e| CliError::failed(format!("cannot encode the report as JSON: {e}")))?;
@@ -59,12 +41,31 @@ pub fn status(args: &Parsed) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn ask(
+/// Asks node `target` for its status report.
+pub(crate) async fn ask(
     config: &NodeConfig,
     target: NodeId,
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<StatusReport, CliError> {
+    match request(config, target, addr, timeout, Request::Status).await? {
+        Response::Status(report) => Ok(*report),
+        other => Err(CliError::failed(format!(
+            "node {} at {addr} sent an unexpected answer: {other:?}",
+            target.0
+        ))),
+    }
+}
+
+/// Sends one request to node `target` at `addr`, as a member of the cluster (the
+/// credentials of `config`), from an ephemeral local port; a refusal is an error.
+pub(crate) async fn request(
+    config: &NodeConfig,
+    target: NodeId,
+    addr: SocketAddr,
+    timeout: Duration,
+    request: Request,
+) -> Result<Response, CliError> {
     // Our own endpoint on an ephemeral port of the target's address family; the node's
     // `listen` port is the node's, and it may be running right beside us.
     let local: SocketAddr =
@@ -76,7 +77,7 @@ async fn ask(
     quic.timeouts.connect = timeout;
     let transport = QuicTransport::from_socket(quic, socket)
         .map_err(|e| CliError::failed(crate::check::transport_error(&e)))?;
-    let answer = transport.request(target, Request::Status, timeout).await;
+    let answer = transport.request(target, request, timeout).await;
     if answer.is_ok() {
         // Close politely so the node frees its side at once, not after an idle timeout.
         // After a failure there is nobody to be polite to: dropping closes at once, where
@@ -86,14 +87,10 @@ async fn ask(
     let unreachable =
         |why: String| CliError::failed(format!("cannot reach node {} at {addr}: {why}", target.0));
     match answer {
-        Ok(Response::Status(report)) => Ok(*report),
         Ok(Response::Refused(why)) => {
             Err(CliError::failed(format!("node {} at {addr} refused: {why}", target.0)))
         }
-        Ok(other) => Err(CliError::failed(format!(
-            "node {} at {addr} sent an unexpected answer: {other:?}",
-            target.0
-        ))),
+        Ok(other) => Ok(other),
         Err(TransportError::Timeout) => Err(unreachable(format!(
             "no answer within {} ms (is it running, and is the address right?)",
             timeout.as_millis()
@@ -101,6 +98,38 @@ async fn ask(
         Err(TransportError::Unreachable { reason, .. }) => Err(unreachable(reason)),
         Err(e) => Err(unreachable(e.to_string())),
     }
+}
+
+/// The node to ask (`--node`, or the config's own), its address, the config and the
+/// timeout: what every command that talks to a running node needs.
+pub(crate) fn target(
+    args: &Parsed,
+    default_timeout_ms: u64,
+) -> Result<(NodeConfig, NodeId, SocketAddr, Duration), CliError> {
+    let path = args.required("--config")?;
+    let node = args.number("--node", 0, u64::MAX)?.map(NodeId);
+    let timeout = Duration::from_millis(
+        args.number("--timeout-ms", 1, 3_600_000)?.unwrap_or(default_timeout_ms),
+    );
+    let config = crate::check::read_config(path)?;
+    let target = node.unwrap_or(config.id);
+    let Some(&addr) = config.peers.get(&target) else {
+        let known: Vec<String> = config.peers.keys().map(|n| n.0.to_string()).collect();
+        return Err(args.error(format!(
+            "--node {}: not in the peer list of {path} ({})",
+            target.0,
+            known.join(", ")
+        )));
+    };
+    Ok((config, target, addr, timeout))
+}
+
+/// A current-thread runtime for one command.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::failed(format!("cannot start the async runtime: {e}")))
 }
 
 /// The report as tables for people.
@@ -169,6 +198,7 @@ pub fn render(report: &StatusReport, addr: SocketAddr) -> String {
             let kind = match key.spec.kind {
                 KeyKind::Singleton => "singleton".to_string(),
                 KeyKind::Exclusive => format!("exclusive/{}", key.spec.slots),
+                KeyKind::Schedule => "schedule".to_string(),
             };
             let candidates: Vec<String> = key.candidates.iter().map(NodeId::to_string).collect();
             let candidates = if candidates.is_empty() { "-".into() } else { candidates.join(",") };
@@ -197,6 +227,11 @@ pub fn render(report: &StatusReport, addr: SocketAddr) -> String {
         let headers =
             ["KEY", "KIND", "SLOT", "OWNER", "TOKEN", "SESSION", "QUEUED", "BYTES", "CANDIDATES"];
         out.push_str(&table(Some(&headers), &rows));
+    }
+    let schedules = report.keys.iter().filter(|k| k.schedule.is_some()).count();
+    if schedules > 0 {
+        out.push_str(&format!("\nschedules: {schedules}\n"));
+        out.push_str(&crate::schedules::render_list(report));
     }
     out
 }
@@ -271,6 +306,7 @@ mod tests {
                     candidates: vec![NodeId(1), NodeId(3)],
                     queued: 4,
                     queued_bytes: 120,
+                    schedule: None,
                 },
                 KeyReport {
                     key: Key::new("two words").unwrap(),
@@ -279,6 +315,7 @@ mod tests {
                     candidates: vec![],
                     queued: 0,
                     queued_bytes: 0,
+                    schedule: None,
                 },
             ],
             warnings: vec!["this node's lease lapsed 5 ms ago".into()],
