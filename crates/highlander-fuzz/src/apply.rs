@@ -3,14 +3,18 @@
 //! Each op takes an opcode byte and a few argument bytes; arguments pick mostly live sessions
 //! and current tokens, so that sequences reach deep states. After every command the state
 //! must be consistent, no ownership may have ended without being named by the command,
-//! a refused command must have changed nothing (a refused `Send` only its client's window),
-//! and assigned tokens must grow. Leader rounds (`plan`) run in between.
+//! a refused command must have changed nothing (a refused `Send` or schedule control only
+//! its client's window), assigned tokens must grow, and a schedule's accepted ticks must
+//! strictly increase and never pass the entry's stamp. Leader rounds (`plan`) run in
+//! between.
 
 use highlander_core::state::ClusterState;
 use highlander_core::{
-    ClientId, Command, Key, KeySpec, LeaseTable, LeaseTerms, Limits, Millis, NodeId, Outcome,
-    Payload, RequestId, Seq, SessionId, Token, plan,
+    CatchUp, ClientId, Command, Delivery, Key, KeySpec, LeaseTable, LeaseTerms, Limits, Millis,
+    NodeId, Outcome, Overlap, Payload, RequestId, ScheduleAction, ScheduleSpec, Seq, SessionId,
+    TickOrigin, TickResult, Token, Trigger, plan,
 };
+use std::collections::BTreeMap;
 
 const LEASE: LeaseTerms = LeaseTerms { ttl_ms: 2000, margin_ms: 100 };
 const LIMITS: Limits = Limits {
@@ -44,9 +48,34 @@ struct Run {
     state: ClusterState,
     term: u64,
     last_token: u64,
-    serials: std::collections::BTreeMap<ClientId, u64>,
+    serials: BTreeMap<ClientId, u64>,
     epoch: u64,
+    /// The cluster's time of day the next stamped entry carries.
+    wall: u64,
+    /// The newest tick accepted per schedule key.
+    fired: BTreeMap<Key, u64>,
 }
+
+/// The schedules a key may be registered with.
+fn schedule_spec(pick: u8) -> ScheduleSpec {
+    let base = ScheduleSpec::new(Trigger::Every { period_ms: 1_000, phase_ms: 0 });
+    match pick % 6 {
+        0 => base,
+        1 => ScheduleSpec { overlap: Overlap::AllowAll { max: 2 }, ..base },
+        2 => ScheduleSpec { delivery: Delivery::AtMostOnce, overlap: Overlap::BufferOne, ..base },
+        3 => ScheduleSpec {
+            overlap: Overlap::CancelOther,
+            catch_up: CatchUp::Skip,
+            delivery: Delivery::AtLeastOnce { max_attempts: 3 },
+            ..base
+        },
+        4 => ScheduleSpec { jitter_ms: 5_000, ..base },
+        _ => ScheduleSpec { paused: true, end_ms: Some(T0 + 60_000), ..base },
+    }
+}
+
+/// 2026-01-01T00:00:00Z, where the fuzzed clock starts.
+const T0: u64 = 1_767_225_600_000;
 
 impl Run {
     fn session(&self, pick: u8) -> SessionId {
@@ -68,7 +97,7 @@ impl Run {
     fn command(&mut self, input: &mut Input<'_>) -> Option<Command> {
         let op = input.byte();
         let key = Key::new(KEYS[input.byte() as usize % KEYS.len()]).expect("a valid key");
-        Some(match op % 11 {
+        Some(match op % 16 {
             0 => {
                 let node = NodeId(1 + u64::from(input.byte() % 3));
                 let how = input.byte();
@@ -159,23 +188,141 @@ impl Run {
                     .map_or(1, |k| k.queue.head().map_or(k.queue.next_seq, |s| s.0));
                 Command::Ack { key, token, upto: Seq(head + u64::from(input.byte() % 3)) }
             }
+            11 => {
+                self.epoch += 1;
+                Command::RegisterSchedule {
+                    session: self.session(input.byte()),
+                    key,
+                    schedule: Box::new(schedule_spec(input.byte())),
+                    epoch: self.epoch,
+                    tzdb: if input.byte() < 240 { "2026f".into() } else { "2025a".into() },
+                }
+            }
+            12 => {
+                let token = self.token(&key, 0, input.byte());
+                let mark = self.state.schedule(&key).map_or(self.wall, |s| s.mark_ms());
+                // Mostly the next second after the mark; sometimes one at or before it, or
+                // one later than the stamp.
+                let tick = (mark / 1000 + 1) * 1000 + u64::from(input.byte() % 4) * 1000;
+                let tick = tick.saturating_sub(u64::from(input.byte() % 3) * 1000);
+                let missed = u64::from(input.byte() % 3);
+                let how = input.byte();
+                if how % 5 == 4 {
+                    Command::SkipTicks { key, token, upto_ms: tick, missed }
+                } else {
+                    let origin =
+                        if how % 5 == 3 { TickOrigin::CatchUp } else { TickOrigin::Scheduled };
+                    Command::Fire {
+                        key,
+                        token,
+                        tick_ms: tick,
+                        origin,
+                        missed,
+                        start_ms: how.is_multiple_of(2).then_some(self.wall),
+                    }
+                }
+            }
+            13 | 14 => {
+                let token = self.token(&key, 0, input.byte());
+                let pending: Vec<u64> = self
+                    .state
+                    .schedule(&key)
+                    .map_or(vec![], |s| s.pending.keys().copied().collect());
+                let pick = input.byte();
+                let run = if pick < 200 && !pending.is_empty() {
+                    pending[pick as usize % pending.len()]
+                } else {
+                    u64::from(pick % 8)
+                };
+                if op % 16 == 13 {
+                    Command::TickStarted { key, token, run, start_ms: self.wall }
+                } else {
+                    let result = match input.byte() % 3 {
+                        0 => TickResult::Done,
+                        1 => TickResult::Failed("é".repeat(usize::from(input.byte()) * 2)),
+                        _ => TickResult::Cancelled,
+                    };
+                    Command::TickDone { key, token, run, result, end_ms: self.wall }
+                }
+            }
+            15 => {
+                let node = NodeId(1 + u64::from(input.byte() % 3));
+                let incarnation = self.state.nodes.get(&node).map_or(1, |r| r.incarnation);
+                let client = ClientId { node, incarnation };
+                let next = self.serials.entry(client).or_insert(0);
+                *next += 1;
+                let serial = next.saturating_sub(u64::from(input.byte() % 3));
+                let action = match input.byte() % 5 {
+                    0 => ScheduleAction::Pause,
+                    1 => ScheduleAction::Resume,
+                    2 => ScheduleAction::Trigger,
+                    3 => ScheduleAction::Backfill {
+                        ticks: (0..u64::from(input.byte() % 4))
+                            .map(|i| self.wall - i * 1000)
+                            .collect(),
+                    },
+                    _ => ScheduleAction::Backfill { ticks: vec![self.wall + 5_000] },
+                };
+                Command::ScheduleControl {
+                    key,
+                    action,
+                    request: RequestId { client, serial },
+                    floor: serial.saturating_sub(1),
+                }
+            }
             _ => return None,
         })
     }
 
     fn step(&mut self, command: &Command) {
+        self.step_stamped(command, false);
+    }
+
+    /// Applies `command` as one entry, behind the leader's stamp if it needs one (unless
+    /// `unstamped`: an entry a leader did not stamp).
+    fn step_stamped(&mut self, command: &Command, unstamped: bool) {
         // As the entry's term is recorded before its commands apply.
         let mut before = self.state.clone();
         before.entry_term = self.term;
-        let outcome = self.state.apply_entry(self.term, std::slice::from_ref(command)).remove(0);
+        let mut entry = Vec::new();
+        if command.needs_stamp() && !unstamped {
+            entry.push(Command::Stamp { wall_ms: self.wall });
+        }
+        entry.push(command.clone());
+        let existed: Vec<Key> = self.fired.keys().cloned().collect();
+        let outcome = self.state.apply_entry(self.term, &entry).pop().expect("one outcome each");
         if let Err(e) = self.state.check_consistency() {
             panic!("inconsistent after {command:?}: {e}");
         }
         if let Err(e) = ClusterState::ownerships_ended_by_name(&before, &self.state, command) {
             panic!("token invariant: {e}");
         }
+        for key in existed {
+            if self.state.schedule(&key).is_none() {
+                // Forgotten: a schedule registered again under the key starts afresh.
+                self.fired.remove(&key);
+            }
+        }
+        match (&outcome, command) {
+            (Outcome::Fired { .. }, Command::Fire { key, tick_ms, .. })
+            | (Outcome::TicksSkipped, Command::SkipTicks { key, upto_ms: tick_ms, .. }) => {
+                assert!(
+                    *tick_ms <= self.wall,
+                    "tick {tick_ms} accepted before its time {}",
+                    self.wall
+                );
+                let last = self.fired.insert(key.clone(), *tick_ms);
+                assert!(
+                    last.is_none_or(|l| l < *tick_ms),
+                    "tick {tick_ms} accepted after {last:?}"
+                );
+            }
+            _ => {}
+        }
         match &outcome {
-            Outcome::Rejected(_) if matches!(command, Command::Send { .. }) => {
+            Outcome::Rejected(_)
+                if matches!(command, Command::Send { .. } | Command::ScheduleControl { .. }) =>
+            {
                 let mut rest = self.state.clone();
                 rest.clients = before.clients.clone();
                 assert_eq!(rest, before, "the refused {command:?} changed more than its window");
@@ -215,13 +362,20 @@ pub fn apply(data: &[u8]) {
         last_token: 0,
         serials: Default::default(),
         epoch: 0,
+        wall: T0,
+        fired: BTreeMap::new(),
     };
     let mut input = Input { data, at: 0 };
     let mut ops = 0;
     while !input.done() && ops < 400 {
         ops += 1;
         match run.command(&mut input) {
-            Some(command) => run.step(&command),
+            Some(command) => {
+                let unstamped = input.byte() == 255;
+                run.step_stamped(&command, unstamped);
+                // The cluster's clock moves on, by 0 to 2.55 s.
+                run.wall += u64::from(input.byte()) * 10;
+            }
             None => match input.byte() % 3 {
                 0 => run.leader_round(input.byte()),
                 1 => {

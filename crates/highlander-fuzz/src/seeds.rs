@@ -5,11 +5,11 @@ use highlander_core::codec;
 use highlander_core::state::ClusterState;
 use highlander_core::wire::{
     HelloReply, KeepAliveReply, MembershipReport, MembershipRequest, Phase, RaftMessage, Request,
-    Response, StatusReport, WriteRefusal,
+    Response, ScheduleOp, StatusReport, WriteRefusal,
 };
 use highlander_core::{
     Batch, ClientId, Command, Key, KeySpec, LeaseTerms, Limits, NodeId, Outcome, Payload,
-    RequestId, SessionId, Token,
+    RequestId, ScheduleAction, ScheduleSpec, SessionId, TickOrigin, TickResult, Token, Trigger,
 };
 
 type Seeds = Vec<(String, Vec<u8>)>;
@@ -32,7 +32,7 @@ fn requests() -> Vec<Request> {
         Request::Ping,
         Request::Status,
         Request::Hello,
-        Request::KeepAlive { session: SessionId(3), lapsed_ms: 0 },
+        Request::KeepAlive { session: SessionId(3), lapsed_ms: 0, wall_ms: 1_767_225_600_000 },
         Request::Membership(MembershipRequest::Join { member: 1 << 63 }),
         Request::Membership(MembershipRequest::Replace { node: NodeId(3) }),
         Request::Raft { to: 2, message: RaftMessage::Vote(Payload::from(vec![1, 2, 3])) },
@@ -57,15 +57,46 @@ fn requests() -> Vec<Request> {
                 floor: 1,
             },
             Command::Release { key: key.clone(), slot: 0, token: Token(4), hand_over: true },
-            Command::Unregister { session: SessionId(1), key, epoch: 2 },
+            Command::Unregister { session: SessionId(1), key: key.clone(), epoch: 2 },
         ]),
+        Request::Write(vec![
+            Command::RegisterSchedule {
+                session: SessionId(1),
+                key: key.clone(),
+                schedule: Box::new(ScheduleSpec::new(Trigger::Cron("0 */5 * * * *".into()))),
+                epoch: 3,
+                tzdb: "2026f".into(),
+            },
+            Command::Fire {
+                key: key.clone(),
+                token: Token(5),
+                tick_ms: 1_767_225_900_000,
+                origin: TickOrigin::Scheduled,
+                missed: 0,
+                start_ms: Some(1_767_225_900_004),
+            },
+            Command::TickDone {
+                key: key.clone(),
+                token: Token(5),
+                run: 1,
+                result: TickResult::Failed("boom".into()),
+                end_ms: 1_767_225_900_090,
+            },
+            Command::ScheduleControl {
+                key: key.clone(),
+                action: ScheduleAction::Backfill { ticks: vec![1_767_225_600_000] },
+                request: RequestId { client, serial: 2 },
+                floor: 2,
+            },
+        ]),
+        Request::Schedule { key, op: ScheduleOp::Backfill { from_ms: 0, to_ms: 1 << 50 } },
     ]
 }
 
 fn responses() -> Vec<Response> {
     vec![
         Response::Pong,
-        Response::KeepAlive(KeepAliveReply::Renewed),
+        Response::KeepAlive(KeepAliveReply::Renewed { cluster_ms: Some(1_767_225_600_000) }),
         Response::KeepAlive(KeepAliveReply::Removed),
         Response::Write(Ok(vec![
             Outcome::Registered,
@@ -75,6 +106,8 @@ fn responses() -> Vec<Response> {
         Response::WrongMember { current: Some(9) },
         Response::Hello(HelloReply { phase: Phase::Bootstrapping, member: Some(1) }),
         Response::Membership(Ok(MembershipReport::default())),
+        Response::Schedule(Ok(vec![1, 2])),
+        Response::Schedule(Err("not a schedule".into())),
         Response::Status(Box::default()),
     ]
 }
