@@ -9,6 +9,8 @@
 //! example prints which. Then the owner of `"every-2s"` is killed: after the session TTL
 //! the schedule moves to another node with a larger fencing token, and a tick that fell due
 //! meanwhile runs once there (the default catch-up policy), late but not lost or doubled.
+//! Beside them, 64 quiet interval schedules show how schedules spread over the nodes (no
+//! node above ⌈64/3⌉ + 2) and over the two survivors after the kill.
 
 use highlander::quic::{ClusterSecret, Identity, QuicConfig, QuicTransport};
 use highlander::{Node, NodeId, ScheduleOptions, TickContext, TickOrigin, Timing, Token};
@@ -35,7 +37,21 @@ fn log_run(runs: &Arc<Mutex<Vec<Run>>>, key: &'static str, t: &TickContext) {
     runs.lock().unwrap().push((key, t.tick_ms(), t.node_id(), t.token(), t.origin()));
 }
 
+/// How many of the 64 `batch-*` schedules each node owns.
+fn spread(node: &Node) -> BTreeMap<NodeId, usize> {
+    let mut per = BTreeMap::new();
+    for key in node.status().keys.iter().filter(|k| k.key.as_str().starts_with("batch-")) {
+        if let Some(Some(owner)) = key.owners.first() {
+            *per.entry(owner.node).or_insert(0) += 1;
+        }
+    }
+    per
+}
+
 async fn register(node: &Node, runs: Arc<Mutex<Vec<Run>>>) -> Result<(), highlander::Error> {
+    for i in 0..64 {
+        node.every(format!("batch-{i}"), Duration::from_secs(10), |_t| async {}).await?;
+    }
     let r = runs.clone();
     node.cron("cron-3s", "*/3 * * * * *", move |t| {
         log_run(&r, "cron-3s", &t);
@@ -90,8 +106,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         node.ready(Duration::from_secs(10)).await?;
         register(node, runs.clone()).await?;
     }
-    println!("cluster up; every node registered the same three schedules\n");
+    println!("cluster up; every node registered the same three schedules (and 64 quiet ones)\n");
     tokio::time::sleep(Duration::from_secs(7)).await;
+    let any = nodes.values().next().ok_or("no node")?;
+    println!("\nthe 64 batch schedules per node: {:?}", spread(any));
 
     let last = |key: &str| runs.lock().unwrap().iter().rev().find(|r| r.0 == key).copied();
     let Some((_, tick, owner, token, _)) = last("every-2s") else {
@@ -119,6 +137,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         killed.elapsed().as_millis()
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
+    let any = nodes.values().next().ok_or("no node")?;
+    println!("the 64 batch schedules per node after the kill: {:?}", spread(any));
 
     // Once per tick across the cluster: no tick of a schedule ran twice.
     let all = runs.lock().unwrap().clone();
