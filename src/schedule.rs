@@ -518,9 +518,9 @@ struct Runner {
     local: BTreeMap<u64, LocalRun>,
     /// Ends to report, kept until a `TickDone` for them is written.
     unreported: BTreeMap<u64, (TickResult, u64)>,
-    /// The start times this runner proposed: a pending run marked running under this token
-    /// with one of them was started by a write of ours whose answer was lost, and is adopted
-    /// rather than started (and counted) again.
+    /// The start times this runner proposed and has not seen applied by its own write: a
+    /// pending run marked running under this token with one of them was started by a write
+    /// of ours whose answer was lost, and is adopted rather than started (and counted) again.
     proposed_starts: BTreeSet<u64>,
     last_start: u64,
     /// Runs that ended here (reported or not): never started again by this runner, even
@@ -575,13 +575,17 @@ impl Runner {
     }
 
     /// The state of the schedule, if this runner's token still owns it.
-    fn view(&self) -> Option<View> {
-        let applied = self.shared.applied.read();
+    fn view(&mut self) -> Option<View> {
+        let shared = self.shared.clone();
+        let applied = shared.applied.read();
         let k = applied.state.keys.get(&self.ctx.key)?;
         if k.slots.first().copied().flatten().map(|o| o.token) != Some(self.ctx.token) {
             return None;
         }
         let s = k.schedule.as_ref()?;
+        // A finished run is remembered until this node's state shows it ended; runs at or
+        // above `next_run` are not known to this state yet and stay remembered.
+        self.finished.retain(|run| *run >= s.next_run || s.pending.contains_key(run));
         Some(View {
             paused: s.paused,
             mark: s.mark_ms().max(self.fired_mark),
@@ -692,7 +696,11 @@ impl Runner {
             let command = Command::TickStarted { key: self.ctx.key.clone(), token, run, start_ms };
             wrote = true;
             match self.shared.proposer.write_one(command).await {
-                Ok(Outcome::TickStarted { attempt }) => self.spawn(run, tick, origin, attempt),
+                Ok(Outcome::TickStarted { attempt }) => {
+                    // Started by this very write: nothing left to adopt later.
+                    self.proposed_starts.remove(&start_ms);
+                    self.spawn(run, tick, origin, attempt)
+                }
                 Ok(Outcome::TickExhausted { attempts }) => {
                     self.finished.insert(run);
                     warn!(node = %self.shared.id, key = %self.ctx.key, run, tick, attempts, "tick dropped: its runs were cut short as often as its delivery policy allows");
@@ -788,9 +796,17 @@ impl Runner {
                     }
                     match (c, o) {
                         (
-                            Command::Fire { tick_ms, origin, .. },
+                            Command::Fire { tick_ms, origin, start_ms, .. },
                             Outcome::Fired { run: Some(run), started: true },
-                        ) => self.spawn(run, *tick_ms, *origin, 1),
+                        ) => {
+                            // Started by this very write: nothing left to adopt later. (A
+                            // refusal keeps the start: an earlier try of the same write may
+                            // have been applied with it.)
+                            if let Some(s) = start_ms {
+                                self.proposed_starts.remove(s);
+                            }
+                            self.spawn(run, *tick_ms, *origin, 1)
+                        }
                         (_, Outcome::Fired { .. } | Outcome::TicksSkipped) => {}
                         (_, Outcome::Rejected(Rejection::TooEarly { tick_ms, cluster_ms })) => {
                             // This node's view of the cluster's time is ahead: learn it, and

@@ -735,9 +735,16 @@ impl AppliedState {
     /// Notifies the watchers of `touched` (of every key if `None`).
     fn notify_keys(&self, touched: Option<&BTreeSet<Key>>, index: u64) {
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        for (key, tx) in keys.iter() {
-            if touched.is_none_or(|t| t.contains(key)) {
-                tx.send_replace(index);
+        match touched {
+            Some(touched) => {
+                for tx in touched.iter().filter_map(|key| keys.get(key)) {
+                    tx.send_replace(index);
+                }
+            }
+            None => {
+                for tx in keys.values() {
+                    tx.send_replace(index);
+                }
             }
         }
     }
