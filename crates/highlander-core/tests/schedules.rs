@@ -473,6 +473,14 @@ fn a_tick_cut_short_by_a_failure_runs_again_within_its_attempts() {
         Outcome::TickStarted { attempt: 2 }
     );
     assert_eq!(st.schedule(&key("s")).unwrap().counts.reruns, 1);
+    // The same start applied again (a retried write whose first answer was lost) is the
+    // same start: same answer, no attempt counted, nothing changed.
+    let before = st.schedule(&key("s")).unwrap().clone();
+    assert_eq!(
+        one(&mut st, tick + 3_100, start(tb, tick + 3_000)),
+        Outcome::TickStarted { attempt: 2 }
+    );
+    assert_eq!(st.schedule(&key("s")).unwrap(), &before);
     // b dies too: two attempts were allowed, both cut short. The tick is dropped.
     st.apply_entry(2, &[Command::ExpireSession { session: b, term: 2 }]);
     let s = st.schedule(&key("s")).unwrap();
@@ -831,9 +839,26 @@ impl Sim {
                 self.fired.push(tick_ms);
             }
             Outcome::TickStarted { attempt } => {
-                let Command::TickStarted { run, .. } = command else { unreachable!() };
+                let Command::TickStarted { run, token, start_ms, .. } = command else {
+                    unreachable!()
+                };
+                // The same start again (a retried write) is not another attempt, and changes
+                // nothing.
+                let repeated = before.schedule(&key("s")).is_some_and(|s| {
+                    s.pending
+                        .get(&run)
+                        .and_then(|p| p.running)
+                        .is_some_and(|r| r.token == token && r.start_ms == start_ms)
+                });
                 let n = self.starts.entry(run).or_insert(0);
-                *n += 1;
+                if repeated {
+                    let mut unchanged = self.st.clone();
+                    unchanged.entry_term = before.entry_term;
+                    unchanged.entry_stamp = before.entry_stamp;
+                    assert_eq!(unchanged, before, "a repeated start changed the state");
+                } else {
+                    *n += 1;
+                }
                 assert_eq!(*n, *attempt, "run {run}: attempts counted wrong");
             }
             _ => {}

@@ -462,6 +462,13 @@ impl ClusterState {
             Ok(x) => x,
             Err(r) => return Outcome::Rejected(r),
         };
+        // The same start again (a write retried after its answer was lost, and applied
+        // twice): the same answer, and no second attempt counted.
+        if let Some(p) = s.pending.get(&run)
+            && p.running.is_some_and(|r| r.token == token && r.start_ms == start_ms)
+        {
+            return Outcome::TickStarted { attempt: p.attempts };
+        }
         let max = s.spec.delivery.max_attempts();
         let others = s.pending.iter().filter(|(r, p)| **r != run && p.running.is_some()).count();
         if others >= s.concurrency() && s.pending.contains_key(&run) {
