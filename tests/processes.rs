@@ -631,13 +631,38 @@ fn a_handler_stuck_past_its_lease_makes_a_fail_stop_node_exit() {
     let _serial = serial();
     let mut c = Cluster::start_with(3, &["--fail-stop"]);
     c.wait_ready();
-    let (owner, token, _) = c.wait_started("a first owner", 0, |_| true);
+    c.wait_started("a first owner", 0, |_| true);
+    let deadline = Instant::now() + WAIT;
+    // Block the handler of whichever node owns the key when the command arrives: the first
+    // owner may hand the key on (placement keeps keys off the leader's node) before it.
+    let (owner, token, from) = loop {
+        let (owner, token) = c
+            .events
+            .snapshot()
+            .iter()
+            .rev()
+            .find(|e| e.name == "started")
+            .map(|e| (e.node, e.num("token").expect("started lines carry a numeric token")))
+            .expect("an owner started");
+        let from = c.len();
+        c.command(owner, "block 30000");
+        let asked = Instant::now();
+        let blocked = loop {
+            let events = c.events.snapshot();
+            if events[from..].iter().any(|e| e.node == owner && e.name == "blocking") {
+                break true;
+            }
+            if asked.elapsed() > Duration::from_secs(5) {
+                break false;
+            }
+            c.events.next_or(Duration::from_millis(200));
+        };
+        if blocked {
+            break (owner, token, from);
+        }
+        assert!(Instant::now() < deadline, "gave up waiting for the handler to block");
+    };
     let others: Vec<u64> = c.ids().into_iter().filter(|n| *n != owner).collect();
-    let from = c.len();
-    c.command(owner, "block 30000");
-    c.events.wait("the handler to block", |events| {
-        events[from..].iter().any(|e| e.node == owner && e.name == "blocking").then_some(())
-    });
     // The others stop answering: the owner's lease lapses while its handler is stuck.
     for &o in &others {
         c.signal(o, "STOP");
