@@ -16,6 +16,7 @@ fn tight_limits() -> Limits {
         max_messages_per_key: 5,
         max_bytes_per_key: 4096,
         max_total_bytes: 16 * 1024,
+        ..Limits::STANDARD
     }
 }
 
@@ -85,6 +86,7 @@ async fn the_store_wide_byte_limit_is_enforced() {
         max_messages_per_key: 100,
         max_bytes_per_key: 3000,
         max_total_bytes: 5000,
+        ..Limits::STANDARD
     };
     let sim = SimCluster::builder()
         .nodes(3)

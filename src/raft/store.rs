@@ -679,7 +679,7 @@ struct SnapshotBody {
     state: ClusterState,
 }
 
-const SNAPSHOT_VERSION: u32 = 2;
+const SNAPSHOT_VERSION: u32 = 3;
 
 /// Decodes `bytes` as snapshot data the way a follower checks a received snapshot, and a
 /// consistent state encodes back to what decodes equal. For the fuzzer.

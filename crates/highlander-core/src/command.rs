@@ -1,7 +1,7 @@
 //! The commands the replicated state machine applies, and what each one produced.
 
 use crate::schedule::{ScheduleAction, ScheduleSpec, TickOrigin, TickResult};
-use crate::{ClientId, Key, Limits, Payload, RequestId, Seq, SessionId, Token};
+use crate::{ClientId, JobId, Key, Limits, Payload, RequestId, Seq, SessionId, Token};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -287,6 +287,225 @@ pub enum Command {
         /// As in [`Command::Send`].
         floor: u64,
     },
+    /// Adds a job to a queue's job table, from any node. Refused with
+    /// [`Rejection::DuplicateJob`] when its unique key is held by an unfinished job of the
+    /// queue. Its `run_at` (default: the entry's stamp) is judged against the cluster's time.
+    Enqueue {
+        /// The queue.
+        queue: Key,
+        /// The job's input.
+        payload: Payload,
+        /// Its options.
+        spec: Box<JobSpec>,
+        /// De-duplicates retries, so a retried enqueue never adds the job twice.
+        request: RequestId,
+        /// As in [`Command::Send`].
+        floor: u64,
+    },
+    /// Sets a queue's concurrency caps. Without `force`, refused with
+    /// [`Rejection::QueueCapsConflict`] when other caps are in force (a worker started with
+    /// other caps than its peers); with it, replaces them (jobs running beyond a lowered cap
+    /// finish; no new one starts until the queue is below it).
+    ConfigureQueue {
+        /// The queue.
+        queue: Key,
+        /// The caps.
+        caps: QueueCaps,
+        /// Replace caps in force.
+        force: bool,
+    },
+    /// A node's worker pool claims due jobs of a queue for its session: as many as it has
+    /// room for (`limit` minus the jobs of the queue the session runs), within the queue's
+    /// caps, chosen by (priority, run_at, id). Each claimed job takes a fresh claim token
+    /// from the counter that fencing tokens come from, and runs until its session ends.
+    Claim {
+        /// The queue.
+        queue: Key,
+        /// The claiming session.
+        session: SessionId,
+        /// The most jobs of the queue the session runs at once (its worker's concurrency).
+        limit: u32,
+    },
+    /// The handler of a claimed job succeeded. Refused with a stale claim token.
+    CompleteJob {
+        /// The job.
+        job: JobId,
+        /// Its claim token.
+        token: Token,
+        /// A small result kept with the job.
+        result: Option<Payload>,
+    },
+    /// An attempt of a claimed job failed. Refused with a stale claim token. The job runs
+    /// again at `retry_at_ms` (an absolute time of day the node computed, so every replica
+    /// applies the same) unless it is out of attempts or `discard` is set: then it is dead.
+    FailJob {
+        /// The job.
+        job: JobId,
+        /// Its claim token.
+        token: Token,
+        /// What went wrong (cut to [`MAX_ERROR_BYTES`](crate::state::MAX_ERROR_BYTES)).
+        error: String,
+        /// When to try again, ms since the Unix epoch.
+        retry_at_ms: u64,
+        /// Do not try again.
+        discard: bool,
+    },
+    /// Moves a running job's deadline, if `token` is still its claim token.
+    ExtendJob {
+        /// The job.
+        job: JobId,
+        /// Its claim token.
+        token: Token,
+        /// The new deadline, ms since the Unix epoch.
+        deadline_ms: u64,
+    },
+    /// An operator cancels, retries or discards a job, from any node.
+    JobControl {
+        /// The job.
+        job: JobId,
+        /// What to do.
+        action: JobAction,
+        /// De-duplicates retries.
+        request: RequestId,
+        /// As in [`Command::Send`].
+        floor: u64,
+    },
+    /// Drops finished jobs in `state` (of one queue, or of all).
+    PurgeJobs {
+        /// The queue, or every queue.
+        queue: Option<Key>,
+        /// Completed, dead or cancelled.
+        state: JobState,
+        /// De-duplicates retries.
+        request: RequestId,
+        /// As in [`Command::Send`].
+        floor: u64,
+    },
+}
+
+/// The options of one job, fixed when it is enqueued.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// 0 (runs first) to 9 (runs last); first in first out within a priority.
+    pub priority: u8,
+    /// Not before this time of day (ms since the Unix epoch); `None` for now.
+    pub run_at_ms: Option<u64>,
+    /// How many attempts it gets before it is dead (at least 1).
+    pub max_attempts: u32,
+    /// How long one attempt may run before its handler is cancelled, in milliseconds.
+    pub timeout_ms: u64,
+    /// While an unfinished job of the queue holds this key, another with it is refused.
+    pub unique: Option<String>,
+    /// Jobs with the same partition key count against the queue's per-partition cap.
+    pub partition: Option<String>,
+}
+
+/// The longest unique or partition key of a job, in bytes.
+pub const MAX_JOB_TAG_BYTES: usize = 256;
+/// The highest (last-running) job priority.
+pub const MAX_JOB_PRIORITY: u8 = 9;
+
+impl JobSpec {
+    /// The defaults: priority 0, now, 25 attempts, a 30-minute timeout, no unique or
+    /// partition key.
+    pub fn new() -> JobSpec {
+        JobSpec {
+            priority: 0,
+            run_at_ms: None,
+            max_attempts: 25,
+            timeout_ms: 30 * 60 * 1000,
+            unique: None,
+            partition: None,
+        }
+    }
+
+    /// Checks the options; the text says what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.priority > MAX_JOB_PRIORITY {
+            return Err(format!("priority {} is above {MAX_JOB_PRIORITY}", self.priority));
+        }
+        if self.max_attempts == 0 {
+            return Err("max_attempts must be at least 1".into());
+        }
+        if self.timeout_ms == 0 {
+            return Err("the timeout must be above zero".into());
+        }
+        for (name, tag) in [("unique", &self.unique), ("partition", &self.partition)] {
+            if let Some(tag) = tag
+                && (tag.is_empty() || tag.len() > MAX_JOB_TAG_BYTES)
+            {
+                return Err(format!("the {name} key must be 1 to {MAX_JOB_TAG_BYTES} bytes"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for JobSpec {
+    fn default() -> Self {
+        JobSpec::new()
+    }
+}
+
+/// A queue's concurrency caps, enforced when jobs are claimed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueCaps {
+    /// The most jobs of the queue running at once across the cluster.
+    pub global: Option<u32>,
+    /// The most jobs with one partition key running at once across the cluster.
+    pub per_partition: Option<u32>,
+}
+
+/// Where a job stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum JobState {
+    /// Waits for its `run_at`.
+    Scheduled,
+    /// Can be claimed.
+    Available,
+    /// Claimed by a session; its handler runs there.
+    Running,
+    /// An attempt failed; waits for its retry time.
+    Retryable,
+    /// Its handler succeeded.
+    Completed,
+    /// Out of attempts, or discarded.
+    Dead,
+    /// Cancelled by an operator.
+    Cancelled,
+}
+
+impl JobState {
+    /// Completed, dead or cancelled: nothing more happens to the job unless an operator
+    /// retries it.
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Dead | JobState::Cancelled)
+    }
+
+    /// The lowercase name the CLI and reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Scheduled => "scheduled",
+            JobState::Available => "available",
+            JobState::Running => "running",
+            JobState::Retryable => "retryable",
+            JobState::Completed => "completed",
+            JobState::Dead => "dead",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What an operator does to one job ([`Command::JobControl`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobAction {
+    /// A job that has not run yet is cancelled at once; a running one is asked to stop (its
+    /// node cancels the handler) and is cancelled when the attempt ends.
+    Cancel,
+    /// A dead or cancelled job runs again now, with its attempts counted from zero.
+    Retry,
+    /// A dead, completed or cancelled job is dropped from the table.
+    Discard,
 }
 
 impl Command {
@@ -306,6 +525,9 @@ impl Command {
             | Command::TickStarted { key, .. }
             | Command::TickDone { key, .. }
             | Command::ScheduleControl { key, .. } => Some(key),
+            Command::Enqueue { queue, .. }
+            | Command::ConfigureQueue { queue, .. }
+            | Command::Claim { queue, .. } => Some(queue),
             _ => None,
         }
     }
@@ -340,6 +562,13 @@ impl Command {
                 };
                 48 + key.as_str().len() + ticks
             }
+            Command::Enqueue { queue, payload, spec, .. } => {
+                let tags = spec.unique.as_ref().map_or(0, String::len)
+                    + spec.partition.as_ref().map_or(0, String::len);
+                80 + queue.as_str().len() + payload.len() + tags
+            }
+            Command::CompleteJob { result, .. } => 32 + result.as_ref().map_or(0, Payload::len),
+            Command::FailJob { error, .. } => 40 + error.len(),
             _ => 48,
         }
     }
@@ -353,6 +582,11 @@ impl Command {
                 | Command::Fire { .. }
                 | Command::SkipTicks { .. }
                 | Command::ScheduleControl { .. }
+                | Command::Enqueue { .. }
+                | Command::Claim { .. }
+                | Command::CompleteJob { .. }
+                | Command::FailJob { .. }
+                | Command::JobControl { .. }
         )
     }
 }
@@ -432,6 +666,30 @@ pub enum Outcome {
     ScheduleChanged {
         /// The run ids of ticks a trigger or a backfill made pending.
         runs: Vec<u64>,
+    },
+    /// The job is in the table.
+    Enqueued {
+        /// Its id.
+        job: JobId,
+    },
+    /// The queue's caps are in force.
+    QueueConfigured,
+    /// Jobs claimed for the session, each with its claim token (possibly none).
+    Claimed {
+        /// The jobs and their tokens.
+        jobs: Vec<(JobId, Token)>,
+    },
+    /// The job moved to `state` (a completion, a failure, an operator's action).
+    JobUpdated {
+        /// Where it stands now.
+        state: JobState,
+    },
+    /// The running job's deadline moved.
+    JobExtended,
+    /// Finished jobs dropped.
+    JobsPurged {
+        /// How many.
+        count: u64,
     },
 }
 
@@ -581,6 +839,47 @@ pub enum Rejection {
     /// As many runs of the schedule as its overlap policy allows are going.
     #[error("the schedule runs as many ticks at once as its overlap policy allows")]
     Busy,
+    /// An unfinished job of the queue holds the unique key.
+    #[error("an unfinished job ({existing}) holds the unique key")]
+    DuplicateJob {
+        /// The job holding it.
+        existing: JobId,
+    },
+    /// The job table holds as many unfinished jobs (or their bytes) as the limits allow.
+    #[error("the job table is full: {open} unfinished jobs hold {bytes} bytes")]
+    JobsFull {
+        /// Unfinished jobs.
+        open: u64,
+        /// Their payload bytes.
+        bytes: u64,
+    },
+    /// A new queue, and as many queues exist as the limits allow.
+    #[error("{max} job queues exist already")]
+    TooManyQueues {
+        /// The limit.
+        max: u32,
+    },
+    /// The job's options cannot be run (the text says what to change).
+    #[error("invalid job: {0}")]
+    InvalidJob(String),
+    /// No such job in the table (never enqueued, or dropped after it finished).
+    #[error("no such job")]
+    NoSuchJob,
+    /// The job is not in a state the command applies to.
+    #[error("the job is {}", state.name())]
+    WrongJobState {
+        /// Where it stands.
+        state: JobState,
+    },
+    /// Other caps are in force for the queue.
+    #[error("the queue has other caps in force: {existing:?}")]
+    QueueCapsConflict {
+        /// The caps in force.
+        existing: QueueCaps,
+    },
+    /// The session is waited out by a newer process of its node and gets no work.
+    #[error("the session is superseded by a newer process of its node")]
+    Superseded,
     /// The schedule has as many pending ticks as it may hold.
     #[error("the schedule has {max} ticks pending already")]
     TooManyPending {
@@ -617,6 +916,12 @@ impl fmt::Display for Outcome {
             }
             Outcome::TickDone => f.write_str("tick done"),
             Outcome::ScheduleChanged { runs } => write!(f, "schedule changed, runs {runs:?}"),
+            Outcome::Enqueued { job } => write!(f, "enqueued {job}"),
+            Outcome::QueueConfigured => f.write_str("queue configured"),
+            Outcome::Claimed { jobs } => write!(f, "claimed {} jobs", jobs.len()),
+            Outcome::JobUpdated { state } => write!(f, "job {}", state.name()),
+            Outcome::JobExtended => f.write_str("job extended"),
+            Outcome::JobsPurged { count } => write!(f, "{count} jobs purged"),
         }
     }
 }

@@ -83,3 +83,13 @@ impl Millis {
         self.0.saturating_sub(earlier.0)
     }
 }
+
+/// A job in the cluster's job table, numbered by the replicated state (never reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct JobId(pub u64);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "j{}", self.0)
+    }
+}

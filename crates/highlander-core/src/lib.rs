@@ -29,9 +29,10 @@ mod transport;
 pub mod wire;
 
 pub use command::{
-    Batch, Command, KeyKind, KeySpec, LeaseTerms, MAX_SLOTS, Message, Outcome, Owner, Rejection,
+    Batch, Command, JobAction, JobSpec, JobState, KeyKind, KeySpec, LeaseTerms, MAX_JOB_PRIORITY,
+    MAX_JOB_TAG_BYTES, MAX_SLOTS, Message, Outcome, Owner, QueueCaps, Rejection,
 };
-pub use ids::{ClientId, Millis, NodeId, RequestId, Seq, SessionId, Token};
+pub use ids::{ClientId, JobId, Millis, NodeId, RequestId, Seq, SessionId, Token};
 pub use key::{IntoKey, Key, KeyError, MAX_KEY_BYTES};
 pub use lease::LeaseTable;
 pub use limits::{Limits, LimitsError, MAX_PAYLOAD_LIMIT};

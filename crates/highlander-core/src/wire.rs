@@ -8,7 +8,7 @@ use crate::{Key, NodeId, Payload, SessionId, Token};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version, carried in the transport handshake (ALPN for QUIC).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// A request from one node to another.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

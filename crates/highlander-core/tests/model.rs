@@ -31,6 +31,7 @@ const LIMITS: Limits = Limits {
     max_messages_per_key: 3,
     max_bytes_per_key: 8,
     max_total_bytes: 12,
+    ..Limits::STANDARD
 };
 
 /// What a misconfigured node brings.
@@ -215,7 +216,15 @@ impl Model {
             | Command::SkipTicks { .. }
             | Command::TickStarted { .. }
             | Command::TickDone { .. }
-            | Command::ScheduleControl { .. } => unreachable!("not generated"),
+            | Command::ScheduleControl { .. }
+            | Command::Enqueue { .. }
+            | Command::ConfigureQueue { .. }
+            | Command::Claim { .. }
+            | Command::CompleteJob { .. }
+            | Command::FailJob { .. }
+            | Command::ExtendJob { .. }
+            | Command::JobControl { .. }
+            | Command::PurgeJobs { .. } => unreachable!("not generated"),
         }
     }
 
@@ -436,6 +445,7 @@ impl Model {
                 storage: s.storage,
                 keys: s.keys.clone(),
                 owned,
+                jobs: BTreeSet::new(),
             };
             st.sessions.insert(*id, session);
         }

@@ -17,6 +17,7 @@ const LIMITS: Limits = Limits {
     max_messages_per_key: 3,
     max_bytes_per_key: 16,
     max_total_bytes: 24,
+    ..Limits::STANDARD
 };
 
 fn key(name: &str) -> Key {

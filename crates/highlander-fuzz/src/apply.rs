@@ -22,6 +22,7 @@ const LIMITS: Limits = Limits {
     max_messages_per_key: 3,
     max_bytes_per_key: 10,
     max_total_bytes: 16,
+    ..Limits::STANDARD
 };
 const KEYS: [&str; 3] = ["a", "b", "c"];
 

@@ -4,12 +4,14 @@
 //! serializes its state to the same bytes. Nothing here reads a clock.
 
 use crate::command::{Command, KeyKind, KeySpec, LeaseTerms, Message, Outcome, Owner, Rejection};
-use crate::{ClientId, Key, Limits, NodeId, Payload, RequestId, Seq, SessionId, Token};
+use crate::{ClientId, JobId, Key, Limits, NodeId, Payload, RequestId, Seq, SessionId, Token};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+mod jobs;
 mod schedules;
 
+pub use jobs::{Job, JobClaim, JobError, JobQueue, JobTable, MAX_CLAIM, MAX_JOB_ERRORS, Partition};
 pub use schedules::{
     FireOutcome, FireRecord, MAX_ERROR_BYTES, MAX_PENDING, PendingTick, RECENT_FIRES,
     ScheduleCounts, ScheduleState, TickRun,
@@ -33,6 +35,8 @@ pub struct Session {
     pub keys: BTreeMap<Key, u64>,
     /// The slots this session owns.
     pub owned: BTreeSet<(Key, u32)>,
+    /// The jobs this session has claimed and not yet completed or failed.
+    pub jobs: BTreeSet<JobId>,
 }
 
 impl Session {
@@ -142,6 +146,8 @@ pub struct ClusterState {
     /// The cluster's time of day stamped on the entry being applied, if its leader stamped
     /// it ([`Command::Stamp`]).
     pub entry_stamp: Option<u64>,
+    /// The job queues.
+    pub jobs: JobTable,
 }
 
 impl ClusterState {
@@ -178,7 +184,13 @@ impl ClusterState {
                 self.open_session(*client, *attempt, *lease, *limits, *storage)
             }
             Command::CloseSession { session } => {
-                if self.sessions.get(session).is_some_and(|s| !s.owned.is_empty()) {
+                // Running jobs are ended by their claim tokens too: a close must not let
+                // another session claim a job whose handler may still run.
+                if self
+                    .sessions
+                    .get(session)
+                    .is_some_and(|s| !s.owned.is_empty() || !s.jobs.is_empty())
+                {
                     return Outcome::Rejected(Rejection::StillOwner);
                 }
                 self.end_session_outcome(*session)
@@ -226,6 +238,26 @@ impl ClusterState {
             }
             Command::ScheduleControl { key, action, request, floor } => {
                 self.schedule_control(key, action, *request, *floor)
+            }
+            Command::Enqueue { queue, payload, spec, request, floor } => {
+                self.enqueue_job(queue, payload, spec, *request, *floor)
+            }
+            Command::ConfigureQueue { queue, caps, force } => {
+                self.configure_queue(queue, *caps, *force)
+            }
+            Command::Claim { queue, session, limit } => self.claim_jobs(queue, *session, *limit),
+            Command::CompleteJob { job, token, result } => self.complete_job(*job, *token, result),
+            Command::FailJob { job, token, error, retry_at_ms, discard } => {
+                self.fail_job(*job, *token, error, *retry_at_ms, *discard)
+            }
+            Command::ExtendJob { job, token, deadline_ms } => {
+                self.extend_job(*job, *token, *deadline_ms)
+            }
+            Command::JobControl { job, action, request, floor } => {
+                self.job_control(*job, *action, *request, *floor)
+            }
+            Command::PurgeJobs { queue, state, request, floor } => {
+                self.purge_jobs(queue, *state, *request, *floor)
             }
         }
     }
@@ -345,6 +377,7 @@ impl ClusterState {
                 storage,
                 keys: BTreeMap::new(),
                 owned: BTreeSet::new(),
+                jobs: BTreeSet::new(),
             },
         );
         self.nodes.insert(
@@ -376,6 +409,10 @@ impl ClusterState {
         for (key, slot) in &session.owned {
             self.vacate(key, *slot, None);
         }
+        self.jobs_lost(
+            &session.jobs,
+            "the worker's session ended (its node stopped or was cut off)",
+        );
         for key in session.keys.keys() {
             if let Some(k) = self.keys.get_mut(key) {
                 k.candidates.remove(&id);
@@ -695,6 +732,31 @@ impl ClusterState {
                 }
             }
         }
+        // A job's claim is an ownership too: it ends by its token or its session's end.
+        for (id, job) in &before.jobs.jobs {
+            let Some(claim) = job.claim else { continue };
+            let still = after.jobs.jobs.get(id).and_then(|j| j.claim).map(|c| c.token);
+            if still == Some(claim.token) {
+                continue;
+            }
+            let named = match command {
+                Command::CompleteJob { job, token, .. } | Command::FailJob { job, token, .. } => {
+                    job == id && *token == claim.token
+                }
+                Command::ExpireSession { session, .. } => *session == claim.session,
+                Command::OpenSession { client, storage, .. } => before
+                    .sessions
+                    .get(&claim.session)
+                    .is_some_and(|s| client.node == s.node() && *storage == s.storage),
+                _ => false,
+            };
+            if !named {
+                return Err(format!(
+                    "{command:?} ended the claim of job {id} by {} ({}) without naming it",
+                    claim.session, claim.token
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -781,6 +843,7 @@ impl ClusterState {
                 _ => return Err(format!("vacant index names missing slot {key}/{slot}")),
             }
         }
+        self.check_jobs()?;
         for (id, s) in &self.sessions {
             if self.nodes.get(&s.node()).and_then(|r| r.session) != Some(*id) {
                 return Err(format!("session {id} is not its node's session"));

@@ -250,7 +250,7 @@ impl ScheduleState {
 }
 
 /// Shortens an error text to [`MAX_ERROR_BYTES`] on a character boundary.
-fn shorten(text: &str) -> String {
+pub(crate) fn shorten(text: &str) -> String {
     if text.len() <= MAX_ERROR_BYTES {
         return text.to_string();
     }
