@@ -2,7 +2,8 @@
 
 use crate::config::TimingError;
 use highlander_core::{
-    Key, KeyError, KeySpec, LimitsError, NodeId, Rejection, ScheduleError, TransportError,
+    JobId, JobState, Key, KeyError, KeySpec, LimitsError, NodeId, QueueCaps, Rejection,
+    ScheduleError, TransportError,
 };
 
 /// A configuration the node refused to start with.
@@ -168,6 +169,56 @@ pub enum Error {
     NotASchedule {
         /// The key.
         key: Key,
+    },
+    /// An unfinished job of the queue holds the unique key: nothing was enqueued, and
+    /// `existing` is the job that holds it.
+    #[error("queue {queue}: an unfinished job ({existing}) holds the unique key")]
+    DuplicateJob {
+        /// The queue.
+        queue: Key,
+        /// The job holding the key.
+        existing: JobId,
+    },
+    /// The job table is at its limit of unfinished jobs or their bytes; nothing was
+    /// enqueued. Retry once workers catch up.
+    #[error("the job table is full: {open} unfinished jobs hold {bytes} bytes")]
+    JobsFull {
+        /// Unfinished jobs.
+        open: u64,
+        /// Their payload bytes.
+        bytes: u64,
+    },
+    /// A job for a new queue, and the cluster has as many queues as its limits allow.
+    #[error("{max} job queues exist already")]
+    TooManyQueues {
+        /// The limit.
+        max: u32,
+    },
+    /// The job's or the worker's options cannot work; the text says what to change.
+    #[error("invalid job options: {0}")]
+    InvalidJob(String),
+    /// No such job (never enqueued, or dropped after it finished).
+    #[error("no such job: {job}")]
+    NoSuchJob {
+        /// The job.
+        job: JobId,
+    },
+    /// The job is not in a state the call applies to (retrying a running job, ...).
+    #[error("job {job} is {}", state.name())]
+    WrongJobState {
+        /// The job.
+        job: JobId,
+        /// Where it stands.
+        state: JobState,
+    },
+    /// Other caps are in force for the queue (set by another worker, or by
+    /// [`Node::configure_queue`](crate::Node::configure_queue)).
+    #[error("queue {queue} has other caps in force: {existing:?}")]
+    QueueCapsConflict {
+        /// The queue.
+        queue: Key,
+        /// The caps in force.
+        existing: QueueCaps,
     },
     /// The state machine refused the command for a reason not listed above.
     #[error("refused: {0}")]

@@ -59,6 +59,7 @@ mod config;
 mod error;
 mod file_config;
 mod inspect;
+mod jobs;
 mod leader;
 mod membership;
 mod node;
@@ -76,6 +77,7 @@ pub use config::{Timing, TimingError};
 pub use error::{ConfigError, Error};
 pub use file_config::NodeConfig;
 pub use highlander_core::wire::ScheduleReport;
+pub use highlander_core::wire::{JobReport, QueueReport};
 pub use highlander_core::wire::{
     KeyReport, MemberReport, MembershipReport, NetworkReport, OverrunReport, OwnerReport, Phase,
     SessionReport, StatusReport,
@@ -85,7 +87,12 @@ pub use highlander_core::{
     Payload, Rejection, ScheduleError, ScheduleSpec, Seq, SessionId, TickOrigin, Token, Transport,
     TransportError, Trigger,
 };
+pub use highlander_core::{JobId, JobSpec, JobState, QueueCaps};
 pub use inspect::{DataDirReport, DumpedEntry, dump_data_dir, verify_data_dir};
+pub use jobs::{
+    Backoff, DEFAULT_JOB_TIMEOUT, EnqueueOptions, JobContext, JobFailure, JobOutput, JobResult,
+    WorkerOptions, default_backoff, encode_bincode, encode_json,
+};
 pub use node::{Node, NodeBuilder};
 pub use observer::Observer;
 pub use raft::store::{DiskStorage, MemStorage, Storage};

@@ -78,6 +78,8 @@ pub(crate) struct Shared {
     pub(crate) cluster_clock: Arc<ClusterClock>,
     /// Sees tasks that outlive their lease.
     pub(crate) watch: Arc<NodeWatch>,
+    /// The job workers running on this node.
+    pub(crate) workers: crate::jobs::Workers,
     client: Mutex<ClientId>,
     lease: watch::Sender<Lease>,
     handlers: Mutex<BTreeMap<Key, Arc<HandlerEntry>>>,
@@ -229,7 +231,9 @@ impl Shared {
         if matches!(phase, Phase::Blank | Phase::Bootstrapping | Phase::Joining) {
             warnings.push(format!("storage not yet in the cluster ({phase:?})"));
         }
+        let queues = applied.state.queue_reports(cluster_now);
         StatusReport {
+            queues,
             node: Some(self.id),
             leader: self.raft.leader_hint(),
             term: self.raft.term(),
@@ -539,6 +543,7 @@ impl NodeBuilder {
             clock,
             cluster_clock,
             watch,
+            workers: crate::jobs::Workers::default(),
             client: Mutex::new(ClientId { node: id, incarnation }),
             lease: watch::channel(Lease::default()).0,
             handlers: Mutex::default(),
@@ -1010,6 +1015,9 @@ impl Node {
         } else {
             Vec::new()
         };
+        // Job workers stop their handlers and write their completions and failures: the
+        // session closes only with no job claimed.
+        shared.workers.finish(grace + shared.timing.election_bound() * 2).await;
         shared.set_lease(Lease::default());
         if let Some(session) = session {
             let mut commands = releases;
@@ -1096,6 +1104,7 @@ impl Node {
     }
 
     async fn stop_everything(&self) {
+        self.shared.workers.abort();
         let tasks = self.control.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(mut tasks) = tasks {
             tasks.abort_all();
@@ -1148,7 +1157,7 @@ impl Drop for PendingRegistration<'_> {
     }
 }
 
-fn outcome_error(key: &Key, outcome: Outcome) -> Error {
+pub(crate) fn outcome_error(key: &Key, outcome: Outcome) -> Error {
     match outcome {
         Outcome::Rejected(Rejection::NoSuchKey) => Error::NoSuchKey { key: key.clone() },
         Outcome::Rejected(Rejection::QueueFull) => Error::QueueFull { key: key.clone() },
@@ -1159,12 +1168,21 @@ fn outcome_error(key: &Key, outcome: Outcome) -> Error {
         Outcome::Rejected(Rejection::SpecConflict { existing }) => {
             Error::SpecConflict { key: key.clone(), existing }
         }
+        Outcome::Rejected(Rejection::DuplicateJob { existing }) => {
+            Error::DuplicateJob { queue: key.clone(), existing }
+        }
+        Outcome::Rejected(Rejection::JobsFull { open, bytes }) => Error::JobsFull { open, bytes },
+        Outcome::Rejected(Rejection::TooManyQueues { max }) => Error::TooManyQueues { max },
+        Outcome::Rejected(Rejection::InvalidJob(e)) => Error::InvalidJob(e),
+        Outcome::Rejected(Rejection::QueueCapsConflict { existing }) => {
+            Error::QueueCapsConflict { queue: key.clone(), existing }
+        }
         Outcome::Rejected(r) => Error::Rejected(r),
         other => Error::Stopped(format!("unexpected outcome {other}")),
     }
 }
 
-fn write_error(e: WriteError) -> Error {
+pub(crate) fn write_error(e: WriteError) -> Error {
     match e {
         WriteError::Timeout => Error::Timeout,
         WriteError::Stopped(reason) => Error::Stopped(reason),
@@ -1223,6 +1241,9 @@ impl RequestHandler for Inbound {
                 Request::Membership(request) => {
                     Response::Membership(membership::serve(&shared, from, request).await)
                 }
+                Request::Jobs(request) => Response::Jobs(
+                    crate::jobs::serve(&shared, request).await.map_err(|e| e.to_string()),
+                ),
             }
         })
     }

@@ -1,6 +1,6 @@
 //! A hook that sees what a node's tasks do, for simulators and invariant checkers.
 
-use highlander_core::{Key, NodeId, Payload, Seq, TickOrigin, Token};
+use highlander_core::{JobId, Key, NodeId, Payload, Seq, TickOrigin, Token};
 
 /// Receives a node's task events as they happen. The simulator's invariant checker is one;
 /// production code rarely needs one (use `tracing` instead).
@@ -50,5 +50,24 @@ pub trait Observer: Send + Sync + 'static {
     /// The run has stopped (returned, panicked, was aborted, or its node was killed).
     fn tick_stopped(&self, node: NodeId, key: &Key, token: Token, run: u64) {
         let _ = (node, key, token, run);
+    }
+
+    /// A job's handler is about to run its first poll, on `node`, under the claim with
+    /// `token`. `partition` is the job's partition key.
+    fn job_started(
+        &self,
+        node: NodeId,
+        queue: &Key,
+        job: JobId,
+        token: Token,
+        partition: Option<&str>,
+    ) {
+        let _ = (node, queue, job, token, partition);
+    }
+
+    /// The handler has stopped (returned, was aborted, or its node was killed). No code of
+    /// it runs after this call.
+    fn job_stopped(&self, node: NodeId, queue: &Key, job: JobId, token: Token) {
+        let _ = (node, queue, job, token);
     }
 }

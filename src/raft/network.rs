@@ -142,6 +142,7 @@ pub(crate) fn response_kind(r: &Response) -> &'static str {
         Response::Hello(_) => "hello",
         Response::Membership(_) => "membership",
         Response::Schedule(_) => "schedule",
+        Response::Jobs(_) => "jobs",
     }
 }
 

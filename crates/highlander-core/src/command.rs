@@ -325,6 +325,8 @@ pub enum Command {
         session: SessionId,
         /// The most jobs of the queue the session runs at once (its worker's concurrency).
         limit: u32,
+        /// The worker's timeout for jobs that were enqueued without one, in milliseconds.
+        timeout_ms: u64,
     },
     /// The handler of a claimed job succeeded. Refused with a stale claim token.
     CompleteJob {
@@ -349,6 +351,9 @@ pub enum Command {
         retry_at_ms: u64,
         /// Do not try again.
         discard: bool,
+        /// The node stopped the attempt for reasons of its own (it is shutting down, or its
+        /// lease lapsed), not the job's: the attempt is not counted.
+        interrupted: bool,
     },
     /// Moves a running job's deadline, if `token` is still its claim token.
     ExtendJob {
@@ -392,8 +397,9 @@ pub struct JobSpec {
     pub run_at_ms: Option<u64>,
     /// How many attempts it gets before it is dead (at least 1).
     pub max_attempts: u32,
-    /// How long one attempt may run before its handler is cancelled, in milliseconds.
-    pub timeout_ms: u64,
+    /// How long one attempt may run before its handler is cancelled, in milliseconds;
+    /// `None` for the claiming worker's timeout.
+    pub timeout_ms: Option<u64>,
     /// While an unfinished job of the queue holds this key, another with it is refused.
     pub unique: Option<String>,
     /// Jobs with the same partition key count against the queue's per-partition cap.
@@ -406,14 +412,14 @@ pub const MAX_JOB_TAG_BYTES: usize = 256;
 pub const MAX_JOB_PRIORITY: u8 = 9;
 
 impl JobSpec {
-    /// The defaults: priority 0, now, 25 attempts, a 30-minute timeout, no unique or
+    /// The defaults: priority 0, now, 25 attempts, the worker's timeout, no unique or
     /// partition key.
     pub fn new() -> JobSpec {
         JobSpec {
             priority: 0,
             run_at_ms: None,
             max_attempts: 25,
-            timeout_ms: 30 * 60 * 1000,
+            timeout_ms: None,
             unique: None,
             partition: None,
         }
@@ -427,7 +433,7 @@ impl JobSpec {
         if self.max_attempts == 0 {
             return Err("max_attempts must be at least 1".into());
         }
-        if self.timeout_ms == 0 {
+        if self.timeout_ms == Some(0) {
             return Err("the timeout must be above zero".into());
         }
         for (name, tag) in [("unique", &self.unique), ("partition", &self.partition)] {

@@ -1,10 +1,10 @@
 //! What nodes say to each other. Every frame on every transport is one [`Request`] or one
 //! [`Response`], encoded by [`codec`](crate::codec).
 
-use crate::command::{Command, KeySpec, Outcome};
+use crate::command::{Command, JobAction, JobState, KeySpec, Outcome, QueueCaps};
 use crate::schedule::ScheduleSpec;
-use crate::state::{FireRecord, PendingTick, ScheduleCounts};
-use crate::{Key, NodeId, Payload, SessionId, Token};
+use crate::state::{FireRecord, Job, JobError, PendingTick, ScheduleCounts};
+use crate::{JobId, Key, NodeId, Payload, SessionId, Token};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version, carried in the transport handshake (ALPN for QUIC).
@@ -51,6 +51,119 @@ pub enum Request {
         /// What to do.
         op: ScheduleOp,
     },
+    /// An operator's look at, or change to, the job table, served by any node with a
+    /// session.
+    Jobs(JobsRequest),
+}
+
+/// What an operator asks of the job table ([`Request::Jobs`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobsRequest {
+    /// Jobs of a queue (or of all), in a state (or in any), newest first, at most `limit`.
+    List {
+        /// The queue, or every queue.
+        queue: Option<Key>,
+        /// The state, or any.
+        state: Option<JobState>,
+        /// The most jobs listed.
+        limit: u32,
+    },
+    /// One job, whole.
+    Show {
+        /// The job.
+        job: JobId,
+    },
+    /// Cancel, retry or discard one job.
+    Control {
+        /// The job.
+        job: JobId,
+        /// What to do.
+        action: JobAction,
+    },
+    /// Drop the finished jobs in `state` (of one queue, or of all).
+    Purge {
+        /// The queue, or every queue.
+        queue: Option<Key>,
+        /// Completed, dead or cancelled.
+        state: JobState,
+    },
+}
+
+/// The answer to a [`Request::Jobs`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobsReply {
+    /// The jobs listed or shown.
+    Jobs(Vec<JobReport>),
+    /// What a change did.
+    Done(Outcome),
+}
+
+/// One job, as a node has applied it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobReport {
+    /// Its id.
+    pub id: JobId,
+    /// Its queue.
+    pub queue: Key,
+    /// Where it stands (a scheduled or retryable job whose time has come is available).
+    pub state: JobState,
+    /// Its priority (0 runs first).
+    pub priority: u8,
+    /// Attempts started.
+    pub attempt: u32,
+    /// Attempts it may have.
+    pub max_attempts: u32,
+    /// When it may run next, ms since the Unix epoch.
+    pub run_at_ms: u64,
+    /// When it was enqueued.
+    pub enqueued_ms: u64,
+    /// When it finished.
+    pub finished_ms: Option<u64>,
+    /// Its unique key.
+    pub unique: Option<String>,
+    /// Its partition key.
+    pub partition: Option<String>,
+    /// Its input.
+    pub payload: Payload,
+    /// While running: the node that runs it.
+    pub node: Option<NodeId>,
+    /// While running: the claim token.
+    pub token: Option<Token>,
+    /// While running: when its handler is cancelled.
+    pub deadline_ms: Option<u64>,
+    /// While running: an operator cancelled it.
+    pub cancel_requested: bool,
+    /// The newest attempt errors.
+    pub errors: Vec<JobError>,
+    /// What its handler returned.
+    pub result: Option<Payload>,
+}
+
+/// A job queue's depths, as a node has applied them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueReport {
+    /// The queue.
+    pub queue: Key,
+    /// Its caps.
+    pub caps: QueueCaps,
+    /// Jobs waiting for their `run_at`.
+    pub scheduled: u64,
+    /// Jobs that can be claimed now.
+    pub available: u64,
+    /// Jobs running.
+    pub running: u64,
+    /// Jobs waiting for a retry.
+    pub retryable: u64,
+    /// Completed jobs kept.
+    pub completed: u64,
+    /// Dead jobs kept.
+    pub dead: u64,
+    /// Cancelled jobs kept.
+    pub cancelled: u64,
+    /// Running jobs per node.
+    pub running_by_node: Vec<(NodeId, u64)>,
+    /// How long the oldest available job has been due, in milliseconds.
+    pub oldest_available_ms: Option<u64>,
 }
 
 /// What an operator asks of a schedule ([`Request::Schedule`]).
@@ -204,6 +317,8 @@ pub enum Response {
     /// The answer to a [`Request::Schedule`]: the run ids of the ticks it made pending, or
     /// why it was refused.
     Schedule(Result<Vec<u64>, String>),
+    /// The answer to a [`Request::Jobs`], or why it was refused.
+    Jobs(Result<JobsReply, String>),
 }
 
 /// Why a forwarded write was not written.
@@ -283,6 +398,8 @@ pub struct StatusReport {
     pub sessions: Vec<SessionReport>,
     /// Keys, their owners and queue depths.
     pub keys: Vec<KeyReport>,
+    /// Job queues and their depths.
+    pub queues: Vec<QueueReport>,
 }
 
 /// A task that was still running after the lease deadline of its ownership.
@@ -441,5 +558,93 @@ impl crate::state::ClusterState {
             })
             .collect();
         (sessions, keys)
+    }
+}
+
+impl QueueReport {
+    fn empty(queue: Key, caps: QueueCaps) -> QueueReport {
+        QueueReport {
+            queue,
+            caps,
+            scheduled: 0,
+            available: 0,
+            running: 0,
+            retryable: 0,
+            completed: 0,
+            dead: 0,
+            cancelled: 0,
+            running_by_node: Vec::new(),
+            oldest_available_ms: None,
+        }
+    }
+}
+
+impl crate::state::ClusterState {
+    /// One job as a report, with its state as of `now_ms`.
+    pub fn job_report(&self, job: &Job, now_ms: u64) -> JobReport {
+        let node =
+            job.claim.and_then(|c| self.sessions.get(&c.session)).map(crate::state::Session::node);
+        JobReport {
+            id: job.id,
+            queue: job.queue.clone(),
+            state: job.state_at(now_ms),
+            priority: job.spec.priority,
+            attempt: job.attempt,
+            max_attempts: job.spec.max_attempts,
+            run_at_ms: job.run_at_ms,
+            enqueued_ms: job.enqueued_ms,
+            finished_ms: job.finished_ms,
+            unique: job.spec.unique.clone(),
+            partition: job.spec.partition.clone(),
+            payload: job.payload.clone(),
+            node,
+            token: job.claim.map(|c| c.token),
+            deadline_ms: job.claim.map(|c| c.deadline_ms),
+            cancel_requested: job.claim.is_some_and(|c| c.cancel_requested),
+            errors: job.errors.clone(),
+            result: job.result.clone(),
+        }
+    }
+
+    /// Every job queue with its depths as of `now_ms` (one pass over the job table), and
+    /// the queues of finished jobs whose queue has no index any more.
+    pub fn queue_reports(&self, now_ms: u64) -> Vec<QueueReport> {
+        let mut reports: std::collections::BTreeMap<Key, QueueReport> = self
+            .jobs
+            .queues
+            .iter()
+            .map(|(q, index)| (q.clone(), QueueReport::empty(q.clone(), index.caps)))
+            .collect();
+        let mut by_node: std::collections::BTreeMap<(Key, NodeId), u64> = Default::default();
+        for job in self.jobs.jobs.values() {
+            let r = reports
+                .entry(job.queue.clone())
+                .or_insert_with(|| QueueReport::empty(job.queue.clone(), QueueCaps::default()));
+            let state = job.state_at(now_ms);
+            match state {
+                JobState::Scheduled => r.scheduled += 1,
+                JobState::Available => {
+                    r.available += 1;
+                    let age = now_ms.saturating_sub(job.run_at_ms);
+                    r.oldest_available_ms = Some(r.oldest_available_ms.unwrap_or(0).max(age));
+                }
+                JobState::Running => r.running += 1,
+                JobState::Retryable => r.retryable += 1,
+                JobState::Completed => r.completed += 1,
+                JobState::Dead => r.dead += 1,
+                JobState::Cancelled => r.cancelled += 1,
+            }
+            if let Some(node) =
+                job.claim.and_then(|c| self.sessions.get(&c.session)).map(|s| s.node())
+            {
+                *by_node.entry((job.queue.clone(), node)).or_default() += 1;
+            }
+        }
+        for ((queue, node), n) in by_node {
+            if let Some(r) = reports.get_mut(&queue) {
+                r.running_by_node.push((node, n));
+            }
+        }
+        reports.into_values().collect()
     }
 }

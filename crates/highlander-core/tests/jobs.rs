@@ -96,7 +96,7 @@ impl Table {
     }
 
     fn claim(&mut self, queue: &str, session: SessionId, limit: u32) -> Vec<(JobId, Token)> {
-        match self.apply(Command::Claim { queue: q(queue), session, limit }) {
+        match self.apply(Command::Claim { queue: q(queue), session, limit, timeout_ms: 60_000 }) {
             Outcome::Claimed { jobs } => jobs,
             other => panic!("{other}"),
         }
@@ -114,6 +114,7 @@ impl Table {
             error: "boom".into(),
             retry_at_ms,
             discard: false,
+            interrupted: false,
         })
     }
 
@@ -318,6 +319,27 @@ fn a_dead_sessions_jobs_are_retryable_at_once_and_attempts_never_exceed_the_maxi
 }
 
 #[test]
+fn an_interrupted_attempt_is_not_counted() {
+    let mut t = Table::new();
+    let a = t.open(1);
+    let job = t.enqueue_spec("q", "x", JobSpec { max_attempts: 1, ..JobSpec::new() });
+    let (_, token) = t.claim("q", a, 1)[0];
+    let out = t.apply(Command::FailJob {
+        job,
+        token,
+        error: "the node is shutting down".into(),
+        retry_at_ms: t.now,
+        discard: false,
+        interrupted: true,
+    });
+    assert_eq!(out, Outcome::JobUpdated { state: JobState::Retryable });
+    assert_eq!(t.st.jobs.jobs[&job].attempt, 0);
+    let claimed = t.claim("q", a, 1);
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(t.st.jobs.jobs[&job].attempt, 1);
+}
+
+#[test]
 fn a_session_with_claimed_jobs_cannot_close_without_ending_them() {
     let mut t = Table::new();
     let a = t.open(1);
@@ -502,6 +524,7 @@ fn random_histories_keep_every_job_invariant() {
                         queue: q(queue),
                         session: s,
                         limit: 1 + rng.below(4) as u32,
+                        timeout_ms: 60_000,
                     }) {
                         tokens.extend(jobs);
                     }
@@ -518,7 +541,15 @@ fn random_histories_keep_every_job_invariant() {
                         if rng.below(2) == 0 {
                             t.complete(job, token);
                         } else {
-                            t.fail(job, token, rng.below(2000));
+                            let retry_at_ms = t.now + rng.below(2000);
+                            t.apply(Command::FailJob {
+                                job,
+                                token,
+                                error: "boom".into(),
+                                retry_at_ms,
+                                discard: rng.below(8) == 0,
+                                interrupted: rng.below(4) == 0,
+                            });
                         }
                     }
                 }

@@ -14,19 +14,23 @@
 //! 5. at the end of a run, every acknowledged message was delivered at least once
 //!    ([`InvariantChecker::check_all_delivered`]);
 //! 6. to 9.: schedules' ticks fire once, in order, never early, only under their key's
-//!    ownership (see the `ticks` module).
+//!    ownership (see the `ticks` module);
+//! 10. to 13.: a job runs on one node at a time, under increasing claim tokens, within its
+//!     queue's caps, and no acknowledged job is lost (see the `jobs` module).
 //!
 //! The checker never panics, whatever it is fed: an odd sequence of events is reported as a
 //! violation or ignored, never trusted. All state is in `BTreeMap`s so reports are
 //! deterministic for a given seed.
 
-use highlander_core::{Key, NodeId, Payload, Seq, TickOrigin, Token};
+use highlander_core::{JobId, JobState, Key, NodeId, Payload, QueueCaps, Seq, TickOrigin, Token};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+mod jobs;
 mod ticks;
 
+pub use jobs::JobRun;
 pub use ticks::TickRun;
 
 /// Something a simulated node did, as observed by the harness.
@@ -97,6 +101,39 @@ pub enum Event {
         /// The true time of day at the start (ms since the epoch), not the node's clock.
         true_ms: u64,
     },
+    /// An `enqueue` returned Ok(job): the job is acknowledged to the producer.
+    JobEnqueued {
+        /// The node whose `enqueue` returned.
+        from: NodeId,
+        /// The queue.
+        queue: Key,
+        /// The job.
+        job: JobId,
+    },
+    /// A node started a job's handler under a claim.
+    JobStarted {
+        /// The node running it.
+        node: NodeId,
+        /// The queue.
+        queue: Key,
+        /// The job.
+        job: JobId,
+        /// The claim token.
+        token: Token,
+        /// The job's partition key.
+        partition: Option<String>,
+    },
+    /// A node's handler of a job stopped (returned, aborted, or its node was killed).
+    JobStopped {
+        /// The node that ran it.
+        node: NodeId,
+        /// The queue.
+        queue: Key,
+        /// The job.
+        job: JobId,
+        /// The claim token.
+        token: Token,
+    },
     /// A node's run of a tick stopped.
     TickStopped {
         /// The node that ran it.
@@ -147,6 +184,14 @@ pub enum ViolationKind {
     /// A tick ran on a node that does not run its key's ownership with that token
     /// (invariant 9).
     TickWithoutOwnership,
+    /// A job started while another run of it had not stopped (invariant 10).
+    JobRunTwice,
+    /// A job's run held a token not above its earlier runs' (invariant 11).
+    JobTokenNotIncreasing,
+    /// More jobs ran at once than a queue's cap allows (invariant 12).
+    JobCapExceeded,
+    /// An acknowledged job had not finished by the end of the run (invariant 13).
+    JobLost,
 }
 
 impl fmt::Display for ViolationKind {
@@ -168,6 +213,10 @@ impl fmt::Display for ViolationKind {
             ViolationKind::TickEarly => "tick started early",
             ViolationKind::TicksOutOfOrder => "ticks out of order",
             ViolationKind::TickWithoutOwnership => "tick run without ownership",
+            ViolationKind::JobRunTwice => "job run twice at once",
+            ViolationKind::JobTokenNotIncreasing => "job claim token not increasing",
+            ViolationKind::JobCapExceeded => "queue cap exceeded",
+            ViolationKind::JobLost => "job lost",
         })
     }
 }
@@ -218,6 +267,7 @@ impl std::error::Error for Violation {}
 #[derive(Debug, Default)]
 pub struct InvariantChecker {
     keys: BTreeMap<Key, KeyState>,
+    jobs: jobs::Jobs,
     violations: Vec<Violation>,
     events: usize,
     /// The latest instant recorded; end-of-run reports carry it.
@@ -272,6 +322,18 @@ impl InvariantChecker {
                     stopped: None,
                 };
                 state.ticks.started(&ctx, run, owner_runs)
+            }
+            Event::JobEnqueued { from, queue, job } => {
+                self.jobs.enqueued(at, from, queue, job);
+                Vec::new()
+            }
+            Event::JobStarted { node, queue, job, token, partition } => {
+                let ctx = Ctx { at, key: &queue };
+                self.jobs.started(&ctx, node, job, token, partition)
+            }
+            Event::JobStopped { node, queue, job, token } => {
+                let ctx = Ctx { at, key: &queue };
+                self.jobs.stopped(&ctx, node, job, token)
             }
             Event::TickStopped { node, key, token, run } => {
                 let state = self.keys.entry(key.clone()).or_default();
@@ -344,6 +406,52 @@ impl InvariantChecker {
                 kind: ViolationKind::Undelivered,
                 detail,
                 earlier: Some(sent.at),
+            });
+        }
+        out
+    }
+
+    /// Declares a queue's caps, which invariant 12 then checks at every job start.
+    pub fn expect_queue_caps(&mut self, queue: Key, caps: QueueCaps) {
+        self.jobs.caps.insert(queue, caps);
+    }
+
+    /// Every run of `job` so far, in start order.
+    pub fn job_runs(&self, job: JobId) -> Vec<JobRun> {
+        self.jobs.jobs.get(&job).map(|h| h.runs.clone()).unwrap_or_default()
+    }
+
+    /// The acknowledged enqueues so far.
+    pub fn jobs_enqueued(&self) -> Vec<JobId> {
+        self.jobs.enqueued.keys().copied().collect()
+    }
+
+    /// End-of-run check, after faults stopped and the cluster settled (invariant 13):
+    /// `state_of` gives each acknowledged job's state as a node applied it (`None` if the
+    /// table does not hold it); every one must have finished. Returns one violation per
+    /// unfinished job (not added to [`violations`](Self::violations)).
+    pub fn check_jobs_finished(
+        &self,
+        state_of: impl Fn(JobId) -> Option<JobState>,
+    ) -> Vec<Violation> {
+        let mut out = Vec::new();
+        for (job, (from, queue, at)) in &self.jobs.enqueued {
+            let state = state_of(*job);
+            if state.is_some_and(JobState::is_finished) {
+                continue;
+            }
+            out.push(Violation {
+                at: self.now,
+                key: queue.clone(),
+                slot: None,
+                nodes: vec![*from],
+                kind: ViolationKind::JobLost,
+                detail: format!(
+                    "{job} enqueued by {from} at {} has not finished: {}",
+                    At(*at),
+                    state.map_or("not in the table", JobState::name)
+                ),
+                earlier: Some(*at),
             });
         }
         out

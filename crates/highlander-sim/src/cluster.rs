@@ -7,8 +7,8 @@ use crate::network::{LinkFaults, SimNetwork};
 use highlander::core::BoxFuture;
 use highlander::wal::{CrashMode, SimFs};
 use highlander::{
-    DiskStorage, Error, Key, Limits, MemStorage, Node, NodeId, Observer, Payload, Seq,
-    StatusReport, Storage, TickOrigin, Timing, Token, WallClock,
+    DiskStorage, EnqueueOptions, Error, JobId, Key, Limits, MemStorage, Node, NodeId, Observer,
+    Payload, Seq, StatusReport, Storage, TickOrigin, Timing, Token, WallClock,
 };
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -483,6 +483,60 @@ impl SimCluster {
         Ok(seq)
     }
 
+    /// Enqueues a job from node `from` and, if the enqueue is acknowledged, records it for
+    /// the invariant checker, which then expects it to finish.
+    pub async fn enqueue(
+        &self,
+        from: impl Into<NodeId>,
+        queue: &str,
+        payload: impl Into<Payload>,
+        options: EnqueueOptions,
+    ) -> Result<JobId, Error> {
+        let from = from.into();
+        let node = self
+            .try_node(from)
+            .ok_or_else(|| Error::Unavailable(format!("node {from} is not running")))?
+            .clone();
+        let job = node.enqueue_with(queue, payload, options).await?;
+        let queue = Key::new(queue)?;
+        self.observer.record(Event::JobEnqueued { from, queue, job });
+        Ok(job)
+    }
+
+    /// Declares a queue's caps to the invariant checker, which then checks them at every
+    /// job start.
+    pub fn expect_queue_caps(&self, queue: &str, caps: highlander::QueueCaps) {
+        if let Ok(queue) = Key::new(queue) {
+            self.checker().expect_queue_caps(queue, caps);
+        }
+    }
+
+    /// A job as the most up-to-date running node has applied it.
+    pub fn job(&self, job: JobId) -> Option<highlander::JobReport> {
+        let node = self
+            .nodes
+            .values()
+            .filter_map(|n| n.node.as_ref())
+            .max_by_key(|n| n.status().applied_index)?;
+        node.job(job)
+    }
+
+    /// Panics unless every acknowledged enqueue has finished (completed, dead or cancelled)
+    /// on the most up-to-date running node: call once faults stopped and the cluster had
+    /// time to settle.
+    pub fn assert_jobs_finished(&self) {
+        let lost = self.checker().check_jobs_finished(|job| self.job(job).map(|r| r.state));
+        if !lost.is_empty() {
+            let lines: Vec<String> = lost.iter().take(20).map(|v| v.to_string()).collect();
+            panic!(
+                "SIM_SEED={}: {} job(s) unfinished:\n{}",
+                self.seed,
+                lost.len(),
+                lines.join("\n")
+            );
+        }
+    }
+
     /// The newest status among running nodes (the one that applied the most).
     pub fn status(&self) -> Option<StatusReport> {
         self.nodes
@@ -611,6 +665,22 @@ impl Observer for CheckerObserver {
 
     fn task_started(&self, node: NodeId, key: &Key, slot: u32, token: Token) {
         self.record(Event::TaskStarted { node, key: key.clone(), slot, token });
+    }
+
+    fn job_started(
+        &self,
+        node: NodeId,
+        queue: &Key,
+        job: JobId,
+        token: Token,
+        partition: Option<&str>,
+    ) {
+        let partition = partition.map(str::to_string);
+        self.record(Event::JobStarted { node, queue: queue.clone(), job, token, partition });
+    }
+
+    fn job_stopped(&self, node: NodeId, queue: &Key, job: JobId, token: Token) {
+        self.record(Event::JobStopped { node, queue: queue.clone(), job, token });
     }
 
     fn task_stopped(&self, node: NodeId, key: &Key, slot: u32, token: Token) {

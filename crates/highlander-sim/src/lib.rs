@@ -41,6 +41,6 @@ mod checker;
 mod cluster;
 mod network;
 
-pub use checker::{Event, InvariantChecker, TickRun, Violation, ViolationKind};
+pub use checker::{Event, InvariantChecker, JobRun, TickRun, Violation, ViolationKind};
 pub use cluster::{DEFAULT_EPOCH_MS, Setup, SimCluster, SimClusterBuilder, lossy};
 pub use network::{LinkFaults, NetStats, SimNetwork, SimTransport};

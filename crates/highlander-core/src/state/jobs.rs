@@ -422,7 +422,13 @@ impl ClusterState {
         Outcome::QueueConfigured
     }
 
-    pub(super) fn claim_jobs(&mut self, queue: &Key, session: SessionId, limit: u32) -> Outcome {
+    pub(super) fn claim_jobs(
+        &mut self,
+        queue: &Key,
+        session: SessionId,
+        limit: u32,
+        timeout_ms: u64,
+    ) -> Outcome {
         let Some(now) = self.job_clock() else { return Outcome::Rejected(Rejection::Unstamped) };
         let Some(s) = self.sessions.get(&session) else {
             return Outcome::Rejected(Rejection::NoSuchSession);
@@ -463,7 +469,7 @@ impl ClusterState {
                 session,
                 token,
                 claimed_ms: now,
-                deadline_ms: now.saturating_add(job.spec.timeout_ms),
+                deadline_ms: now.saturating_add(job.spec.timeout_ms.unwrap_or(timeout_ms)),
                 cancel_requested: false,
             });
             q.running.insert(id);
@@ -520,10 +526,15 @@ impl ClusterState {
         error: &str,
         retry_at_ms: u64,
         discard: bool,
+        interrupted: bool,
     ) -> Outcome {
         let Some(_) = self.job_clock() else { return Outcome::Rejected(Rejection::Unstamped) };
         if let Err(r) = self.claimed_job(id, token) {
             return Outcome::Rejected(r);
+        }
+        if interrupted && let Some(job) = self.jobs.jobs.get_mut(&id) {
+            // Not the job's fault: the attempt is given back.
+            job.attempt -= 1;
         }
         let state = self.attempt_failed(id, error, retry_at_ms, discard);
         self.jobs.prune(&self.limits.unwrap_or_default());

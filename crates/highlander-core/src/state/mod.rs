@@ -245,10 +245,12 @@ impl ClusterState {
             Command::ConfigureQueue { queue, caps, force } => {
                 self.configure_queue(queue, *caps, *force)
             }
-            Command::Claim { queue, session, limit } => self.claim_jobs(queue, *session, *limit),
+            Command::Claim { queue, session, limit, timeout_ms } => {
+                self.claim_jobs(queue, *session, *limit, *timeout_ms)
+            }
             Command::CompleteJob { job, token, result } => self.complete_job(*job, *token, result),
-            Command::FailJob { job, token, error, retry_at_ms, discard } => {
-                self.fail_job(*job, *token, error, *retry_at_ms, *discard)
+            Command::FailJob { job, token, error, retry_at_ms, discard, interrupted } => {
+                self.fail_job(*job, *token, error, *retry_at_ms, *discard, *interrupted)
             }
             Command::ExtendJob { job, token, deadline_ms } => {
                 self.extend_job(*job, *token, *deadline_ms)

@@ -39,6 +39,7 @@ impl RequestHandler for Echo {
             Request::Hello => "hello",
             Request::Membership(_) => "membership",
             Request::Schedule { .. } => "schedule",
+            Request::Jobs(_) => "jobs",
         };
         self.seen.lock().unwrap().push((from, kind));
         let id = self.id;
@@ -64,7 +65,8 @@ impl RequestHandler for Echo {
                 Request::Write(_)
                 | Request::Hello
                 | Request::Membership(_)
-                | Request::Schedule { .. } => Response::Refused("not served here".into()),
+                | Request::Schedule { .. }
+                | Request::Jobs(_) => Response::Refused("not served here".into()),
             }
         })
     }
