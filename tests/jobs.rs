@@ -19,7 +19,10 @@ use tokio::time::Instant;
 /// What handlers did: per job, the tokens of the runs whose side effect took place (the
 /// token is the idempotency key a downstream system would check).
 #[derive(Clone, Default)]
-struct Effects(Arc<Mutex<BTreeMap<JobId, Vec<(NodeId, Token, Instant)>>>>);
+struct Effects(Arc<Mutex<BTreeMap<JobId, Vec<Run>>>>);
+
+/// One run's side effect: where, under which token, when.
+type Run = (NodeId, Token, Instant);
 
 impl Effects {
     fn record(&self, ctx: &JobContext) {
@@ -29,7 +32,7 @@ impl Effects {
             Instant::now(),
         ));
     }
-    fn of(&self, job: JobId) -> Vec<(NodeId, Token, Instant)> {
+    fn of(&self, job: JobId) -> Vec<Run> {
         self.0.lock().unwrap().get(&job).cloned().unwrap_or_default()
     }
     fn started_at(&self, job: JobId) -> Vec<Instant> {
