@@ -14,7 +14,10 @@
 mod common;
 
 use common::Journal;
-use highlander::{Delivery, Error, Overlap, ScheduleOptions, Timing};
+use highlander::{
+    Delivery, EnqueueOptions, Error, JobContext, JobFailure, Overlap, ScheduleOptions, Timing,
+    WorkerOptions,
+};
 use highlander_sim::{LinkFaults, SimCluster};
 use std::fmt;
 use std::time::Duration;
@@ -29,6 +32,13 @@ const GROUP_SLOTS: u32 = 2;
 /// seconds at most once with up to two runs at once (a run of 3 s). The checker watches
 /// their ticks: fired once, never early, in order, only under ownership.
 const SCHEDULES: [&str; 2] = ["tick", "tock"];
+/// A job queue every node works on (3 at a time, at most 4 across the cluster, one per
+/// partition): every send also enqueues a job, which runs 200 ms and fails one attempt in
+/// four. The checker watches its runs (one at a time, increasing tokens, caps) and the
+/// liveness phase checks every acknowledged job finished.
+const QUEUE: &str = "work";
+const QUEUE_CAPS: highlander::QueueCaps =
+    highlander::QueueCaps { global: Some(4), per_partition: Some(1) };
 
 /// The singletons a node may withdraw from: the plain keys, then the stubborn one.
 fn withdrawable(i: usize) -> &'static str {
@@ -249,6 +259,22 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                     .overlap(Overlap::AllowAll { max: 2 })
                     .delivery(Delivery::AtMostOnce);
                 node.every_with(SCHEDULES[1], Duration::from_secs(2), options, work(3000)).await?;
+                let workers = WorkerOptions::default()
+                    .concurrency(3)
+                    .global_cap(4)
+                    .partition_cap(1)
+                    .backoff(|attempt| Duration::from_millis(100 * u64::from(attempt)));
+                node.worker(QUEUE, workers, |ctx: JobContext| async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = ctx.cancelled() => return Err(JobFailure::retry("stopped")),
+                    }
+                    if ctx.id().0 % 4 == u64::from(ctx.attempt()) % 4 {
+                        return Err(JobFailure::retry("this attempt fails"));
+                    }
+                    Ok(())
+                })
+                .await?;
                 Ok(())
             }
         })
@@ -256,8 +282,10 @@ async fn run_seed(seed: u64) -> Result<String, String> {
         .await
         .map_err(|e| format!("cluster did not start: {e}"))?;
 
+    sim.expect_queue_caps(QUEUE, QUEUE_CAPS);
     let mut serial = 0u64;
     let mut acknowledged = 0u64;
+    let mut jobs = 0u64;
     let mut disks = Disks::default();
     let trace = std::env::var("HIGHLANDER_SIM_TRACE").is_ok();
     for step in &schedule.steps {
@@ -313,6 +341,23 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                         | Err(_) => {}
                         Ok(Err(e)) => {
                             return Err(format!("send failed with an unexpected error: {e}"));
+                        }
+                    }
+                    // And a job, in one of three partitions, from the same node.
+                    let options =
+                        EnqueueOptions::new().partition(format!("p{}", serial % 3)).max_attempts(5);
+                    let enqueue = sim.enqueue(*from, QUEUE, format!("job {serial}"), options);
+                    match tokio::time::timeout(Duration::from_secs(1), enqueue).await {
+                        Ok(Ok(_)) => jobs += 1,
+                        Ok(Err(
+                            Error::Timeout
+                            | Error::Unavailable(_)
+                            | Error::ShuttingDown
+                            | Error::Stopped(_),
+                        ))
+                        | Err(_) => {}
+                        Ok(Err(e)) => {
+                            return Err(format!("enqueue failed with an unexpected error: {e}"));
                         }
                     }
                 }
@@ -503,6 +548,22 @@ async fn run_seed(seed: u64) -> Result<String, String> {
             "liveness: acknowledged message not delivered after faults stopped: {e}"
         ));
     }
+    let finished = sim
+        .wait_until(bound, |s| {
+            s.checker()
+                .jobs_enqueued()
+                .iter()
+                .all(|j| s.job(*j).is_some_and(|r| r.state.is_finished()))
+        })
+        .await;
+    if finished.is_none() {
+        let lost = sim.checker().check_jobs_finished(|job| sim.job(job).map(|r| r.state));
+        return Err(format!(
+            "liveness: {} acknowledged job(s) not finished after faults stopped; first: {}",
+            lost.len(),
+            lost.first().map(|v| v.to_string()).unwrap_or_default()
+        ));
+    }
     let violations = sim.violations();
     if !violations.is_empty() {
         let lines: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
@@ -511,7 +572,8 @@ async fn run_seed(seed: u64) -> Result<String, String> {
     sim.shutdown_all().await;
     let [wiped, replaced, readded] = disks.counts;
     Ok(format!(
-        "faults {:.1}s, owned again {} ms after, {acknowledged} acknowledged, {} starts, \
+        "faults {:.1}s, owned again {} ms after, {acknowledged} acknowledged, {jobs} jobs, \
+         {} starts, \
          {wiped} disks lost, {replaced} processes replaced, {readded} nodes removed and added",
         faults_end.as_secs_f64(),
         took.as_millis(),
