@@ -87,7 +87,7 @@ pub use highlander_core::{
     Payload, Rejection, ScheduleError, ScheduleSpec, Seq, SessionId, TickOrigin, Token, Transport,
     TransportError, Trigger,
 };
-pub use highlander_core::{JobId, JobSpec, JobState, QueueCaps};
+pub use highlander_core::{JobAction, JobId, JobSpec, JobState, Outcome, QueueCaps};
 pub use inspect::{DataDirReport, DumpedEntry, dump_data_dir, verify_data_dir};
 pub use jobs::{
     Backoff, DEFAULT_JOB_TIMEOUT, EnqueueOptions, JobContext, JobFailure, JobOutput, JobResult,

@@ -10,6 +10,8 @@
 //!   each node votes, through the leader (a replaced machine, a removed or added node).
 //! - `highlander schedules list | show | pause | resume | trigger` shows the cluster's
 //!   schedules (owner, last and next ticks, counters, recent fires) and changes one.
+//! - `highlander jobs list | show | retry | cancel | purge` shows the job table (the dead
+//!   letters with `--state dead`) and retries, cancels or purges jobs.
 //! - `highlander wal verify` and `highlander wal dump` check and print a stopped node's data
 //!   directory.
 //! - `highlander check-config` reads a `node.toml` as a node would and says what it means.
@@ -20,6 +22,7 @@
 mod args;
 mod certs;
 mod check;
+mod jobs;
 mod members;
 mod schedules;
 mod status;
@@ -43,6 +46,9 @@ Commands:
   schedules list   every schedule: owner, last and next tick, counters
   schedules show   one schedule: spec, next ticks, pending and recent fires
   schedules pause | resume | trigger   stop and restart a schedule, or run it now
+  jobs list      jobs by queue and state (dead letters: --state dead)
+  jobs show      one job: state, attempts and errors, owner and token, result
+  jobs retry | cancel | purge   run a dead job again, cancel one, drop finished ones
   wal verify     check a stopped node's data directory
   wal dump       print the Raft log of a stopped node's data directory
   check-config   check a node.toml and print what it means
@@ -66,6 +72,11 @@ static COMMANDS: &[(&[&str], &Command, Run)] = &[
     (&["schedules", "pause"], &schedules::PAUSE, schedules::pause),
     (&["schedules", "resume"], &schedules::RESUME, schedules::resume),
     (&["schedules", "trigger"], &schedules::TRIGGER, schedules::trigger),
+    (&["jobs", "list"], &jobs::LIST, jobs::list),
+    (&["jobs", "show"], &jobs::SHOW, jobs::show),
+    (&["jobs", "retry"], &jobs::RETRY, jobs::retry),
+    (&["jobs", "cancel"], &jobs::CANCEL, jobs::cancel),
+    (&["jobs", "purge"], &jobs::PURGE, jobs::purge),
     (&["wal", "verify"], &wal::VERIFY, wal::verify),
     (&["wal", "dump"], &wal::DUMP, wal::dump),
     (&["check-config"], &check::CHECK_CONFIG, check::check_config),

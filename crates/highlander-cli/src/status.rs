@@ -14,7 +14,8 @@ pub static STATUS: Command = Command {
     usage: "highlander status --config node.toml [--node N] [--json] [--timeout-ms T]",
     help: "\
 Asks a node what it knows of the cluster: the leader, the term, the members, the live
-sessions, and every key with its owners (node, fencing token) and queue depth.
+sessions, every key with its owners (node, fencing token) and queue depth, and every job
+queue with its depths by state, running jobs per node and the age of its oldest job.
 
 It connects over QUIC with the credentials of the node.toml it is given (the identity that
 node uses, so it is trusted like that node) from an ephemeral local UDP port. The report is
@@ -232,6 +233,10 @@ pub fn render(report: &StatusReport, addr: SocketAddr) -> String {
     if schedules > 0 {
         out.push_str(&format!("\nschedules: {schedules}\n"));
         out.push_str(&crate::schedules::render_list(report));
+    }
+    if !report.queues.is_empty() {
+        out.push_str(&format!("\njob queues: {}\n", report.queues.len()));
+        out.push_str(&crate::jobs::render_queues(&report.queues));
     }
     out
 }

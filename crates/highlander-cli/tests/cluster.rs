@@ -362,3 +362,90 @@ async fn members_replace_remove_and_add_a_node_through_the_leader() {
         node.kill().await;
     }
 }
+
+/// The dead-letter path from the command line: a job that fails every attempt is listed
+/// with `jobs list --state dead`, shown with its errors, retried with `jobs retry` (and
+/// completes once the failure is gone), and purged; `status` shows the queue's depths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_dead_letters_are_listed_shown_retried_and_purged_from_the_cli() {
+    use highlander::{EnqueueOptions, JobFailure, JobState, WorkerOptions};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let c = cluster(3, false).await;
+    let failing = Arc::new(AtomicBool::new(true));
+    for node in c.nodes.values() {
+        let failing = failing.clone();
+        let options = WorkerOptions::default().backoff(|_| Duration::from_millis(10));
+        node.worker("mail", options, move |ctx| {
+            let failing = failing.clone();
+            async move {
+                if failing.load(Ordering::SeqCst) {
+                    Err(JobFailure::retry(format!("smtp refused attempt {}", ctx.attempt())))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .unwrap();
+    }
+    let node1 = &c.nodes[&NodeId(1)];
+    let job =
+        node1.enqueue_with("mail", "to ada", EnqueueOptions::new().max_attempts(2)).await.unwrap();
+    let dead = node1.wait(job, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(dead.state, JobState::Dead);
+    let config1 = s(&c.configs[&NodeId(1)]);
+
+    let r =
+        highlander_async(&["jobs", "list", "--config", config1, "--state", "dead"]).await.expect(0);
+    println!("highlander jobs list --state dead:\n{}", r.stdout);
+    let row = r.stdout.lines().find(|l| l.trim_start().starts_with(&job.to_string()));
+    let cells: Vec<&str> = row.map(|l| l.split_whitespace().collect()).unwrap_or_default();
+    assert_eq!(cells.get(..4), Some(&[&*job.to_string(), "mail", "dead", "2/2"][..]), "{r:?}");
+    let r = highlander_async(&["jobs", "show", "--config", config1, "--job", &job.to_string()])
+        .await
+        .expect(0);
+    println!("highlander jobs show:\n{}", r.stdout);
+    assert!(r.stdout.contains("smtp refused attempt 2"), "{r:?}");
+    let r = highlander_async(&["status", "--config", config1]).await.expect(0);
+    let queue = r.stdout.lines().find(|l| l.trim_start().starts_with("mail "));
+    let cells: Vec<&str> = queue.map(|l| l.split_whitespace().collect()).unwrap_or_default();
+    // QUEUE SCHEDULED AVAILABLE RUNNING RETRYABLE COMPLETED DEAD
+    assert_eq!(cells.get(..7), Some(&["mail", "0", "0", "0", "0", "0", "1"][..]), "{r:?}");
+
+    failing.store(false, Ordering::SeqCst);
+    let r = highlander_async(&[
+        "jobs",
+        "retry",
+        "--config",
+        config1,
+        "--node",
+        "2",
+        "--job",
+        &job.to_string(),
+    ])
+    .await
+    .expect(0);
+    assert!(r.stdout.contains("retried: available"), "{r:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while node1.job(job).is_none_or(|r| r.state != JobState::Completed) {
+        assert!(std::time::Instant::now() < deadline, "the retried job did not complete");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = highlander_async(&["jobs", "purge", "--config", config1, "--state", "completed"])
+        .await
+        .expect(0);
+    assert!(r.stdout.contains("1 jobs purged"), "{r:?}");
+    let r = highlander_async(&["jobs", "show", "--config", config1, "--job", &job.to_string()])
+        .await
+        .expect(1);
+    assert!(r.stderr.contains("no such job"), "{r:?}");
+    // A bad state is a usage error naming the flag.
+    let r =
+        highlander_async(&["jobs", "list", "--config", config1, "--state", "lost"]).await.expect(2);
+    assert!(r.stderr.contains("--state"), "{r:?}");
+    for node in c.nodes.values() {
+        node.kill().await;
+    }
+    drop(c.dir);
+}
