@@ -1179,13 +1179,17 @@ impl Worker {
         }
         let applied = self.shared.applied.read();
         let st = &applied.state;
-        let mine = st.sessions.get(&session).map_or(0, |s| {
+        // Jobs whose handler has ended while their completion is being written hold no
+        // handler: their room can be claimed again already (the claim's limit counts them,
+        // so the state grants only what no handler holds).
+        let busy = st.sessions.get(&session).map_or(0, |s| {
             s.jobs
                 .iter()
                 .filter(|id| st.jobs.jobs.get(id).is_some_and(|j| j.queue == self.queue))
+                .filter(|id| !self.ended.contains_key(id))
                 .count()
         }) as u32;
-        let free = (self.parallel * self.batch).saturating_sub(mine);
+        let free = (self.parallel * self.batch).saturating_sub(busy);
         (free > 0).then_some(free)
     }
 
@@ -1221,11 +1225,11 @@ impl Worker {
         if !self.shared.applied.read().state.jobs.has_claimable(&self.queue, now_ms) {
             return;
         }
-        let room = self.parallel * self.batch;
+        let limit = self.parallel * self.batch + self.ended.len() as u32;
         let command = Command::Claim {
             queue: self.queue.clone(),
             session,
-            limit: room,
+            limit,
             timeout_ms: self.options.timeout.as_millis() as u64,
         };
         let proposer = self.shared.proposer.clone();
