@@ -532,9 +532,12 @@ impl ClusterState {
         if let Err(r) = self.claimed_job(id, token) {
             return Outcome::Rejected(r);
         }
+        let mut retry_at_ms = retry_at_ms;
         if interrupted && let Some(job) = self.jobs.jobs.get_mut(&id) {
-            // Not the job's fault: the attempt is given back.
+            // Not the job's fault: the attempt is given back, and the job keeps its place
+            // in line (its earlier run-at) instead of queueing behind newer jobs.
             job.attempt -= 1;
+            retry_at_ms = retry_at_ms.min(job.run_at_ms);
         }
         let state = self.attempt_failed(id, error, retry_at_ms, discard);
         self.jobs.prune(&self.limits.unwrap_or_default());
@@ -593,12 +596,13 @@ impl ClusterState {
         claim.cancel_requested
     }
 
-    /// The session's running jobs lost their owner (the session ended): each becomes
-    /// retryable at once, with the attempt counted (or dead, or cancelled).
+    /// The session's running jobs lost their owner (the session ended): each is claimable
+    /// again at once, in its old place in line (its run-at), with the attempt counted (or
+    /// dead, or cancelled).
     pub(super) fn jobs_lost(&mut self, jobs: &BTreeSet<JobId>, why: &str) {
-        let now = self.jobs.clock_ms;
         for id in jobs {
-            self.attempt_failed(*id, why, now, false);
+            let at = self.jobs.jobs.get(id).map_or(self.jobs.clock_ms, |j| j.run_at_ms);
+            self.attempt_failed(*id, why, at, false);
         }
         self.jobs.prune(&self.limits.unwrap_or_default());
     }
