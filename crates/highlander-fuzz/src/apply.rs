@@ -5,14 +5,17 @@
 //! must be consistent, no ownership may have ended without being named by the command,
 //! a refused command must have changed nothing (a refused `Send` or schedule control only
 //! its client's window), assigned tokens must grow, and a schedule's accepted ticks must
-//! strictly increase and never pass the entry's stamp. Leader rounds (`plan`) run in
-//! between.
+//! strictly increase and never pass the entry's stamp. Job commands run beside them:
+//! claim tokens grow with assignment tokens, a job is claimed only once due and never
+//! beyond its attempts, and a job's claim ends only by its token or its session's end.
+//! Leader rounds (`plan`) run in between.
 
 use highlander_core::state::ClusterState;
 use highlander_core::{
-    CatchUp, ClientId, Command, Delivery, Key, KeySpec, LeaseTable, LeaseTerms, Limits, Millis,
-    NodeId, Outcome, Overlap, Payload, RequestId, ScheduleAction, ScheduleSpec, Seq, SessionId,
-    TickOrigin, TickResult, Token, Trigger, plan,
+    CatchUp, ClientId, Command, Delivery, JobAction, JobId, JobSpec, JobState, Key, KeySpec,
+    LeaseTable, LeaseTerms, Limits, Millis, NodeId, Outcome, Overlap, Payload, QueueCaps,
+    RequestId, ScheduleAction, ScheduleSpec, Seq, SessionId, TickOrigin, TickResult, Token,
+    Trigger, plan,
 };
 use std::collections::BTreeMap;
 
@@ -98,7 +101,7 @@ impl Run {
     fn command(&mut self, input: &mut Input<'_>) -> Option<Command> {
         let op = input.byte();
         let key = Key::new(KEYS[input.byte() as usize % KEYS.len()]).expect("a valid key");
-        Some(match op % 16 {
+        Some(match op % 22 {
             0 => {
                 let node = NodeId(1 + u64::from(input.byte() % 3));
                 let how = input.byte();
@@ -271,8 +274,114 @@ impl Run {
                     floor: serial.saturating_sub(1),
                 }
             }
+            16 => {
+                let request = self.request(input);
+                let spec = JobSpec {
+                    priority: input.byte() % 11,
+                    run_at_ms: (input.byte() < 60)
+                        .then(|| self.wall + u64::from(input.byte()) * 20),
+                    max_attempts: u32::from(input.byte() % 4),
+                    timeout_ms: (input.byte() < 40).then_some(u64::from(input.byte())),
+                    unique: (input.byte() < 80).then(|| format!("u{}", input.byte() % 3)),
+                    partition: (input.byte() < 120).then(|| format!("p{}", input.byte() % 3)),
+                };
+                let payload = Payload::from(vec![7u8; usize::from(input.byte() % 8)]);
+                Command::Enqueue {
+                    queue: key,
+                    payload,
+                    spec: Box::new(spec),
+                    request: request.0,
+                    floor: request.1,
+                }
+            }
+            17 => Command::Claim {
+                queue: key,
+                session: self.session(input.byte()),
+                limit: u32::from(input.byte() % 5),
+                timeout_ms: 1_000,
+            },
+            18 => {
+                let (job, token) = self.claimed(input.byte());
+                match input.byte() % 3 {
+                    0 => Command::CompleteJob {
+                        job,
+                        token,
+                        result: (input.byte() < 100).then(|| Payload::from(vec![1u8; 3])),
+                    },
+                    1 => Command::FailJob {
+                        job,
+                        token,
+                        error: "fuzzed".into(),
+                        retry_at_ms: self.wall + u64::from(input.byte()) * 10,
+                        discard: input.byte() < 30,
+                        interrupted: input.byte() < 80,
+                    },
+                    _ => Command::ExtendJob { job, token, deadline_ms: self.wall + 5_000 },
+                }
+            }
+            19 => {
+                let request = self.request(input);
+                let job = JobId(u64::from(input.byte() % 24));
+                match input.byte() % 4 {
+                    0 => Command::JobControl {
+                        job,
+                        action: [JobAction::Cancel, JobAction::Retry, JobAction::Discard]
+                            [usize::from(input.byte() % 3)],
+                        request: request.0,
+                        floor: request.1,
+                    },
+                    1 => Command::ConfigureQueue {
+                        queue: key,
+                        caps: QueueCaps {
+                            global: (input.byte() < 128).then(|| u32::from(input.byte() % 4)),
+                            per_partition: (input.byte() < 128)
+                                .then(|| u32::from(input.byte() % 3)),
+                        },
+                        force: input.byte() < 60,
+                    },
+                    _ => Command::PurgeJobs {
+                        queue: (input.byte() < 128).then_some(key),
+                        state: [
+                            JobState::Completed,
+                            JobState::Dead,
+                            JobState::Cancelled,
+                            JobState::Running,
+                        ][usize::from(input.byte() % 4)],
+                        request: request.0,
+                        floor: request.1,
+                    },
+                }
+            }
             _ => return None,
         })
+    }
+
+    /// A de-duplicated request id of a node's current process (a retry now and then) and
+    /// its floor.
+    fn request(&mut self, input: &mut Input<'_>) -> (RequestId, u64) {
+        let node = NodeId(1 + u64::from(input.byte() % 3));
+        let incarnation = self.state.nodes.get(&node).map_or(1, |r| r.incarnation);
+        let client = ClientId { node, incarnation };
+        let next = self.serials.entry(client).or_insert(0);
+        *next += 1;
+        let serial = next.saturating_sub(u64::from(input.byte() % 3));
+        (RequestId { client, serial }, serial.saturating_sub(1))
+    }
+
+    /// A running job and its claim token, mostly; a stale or made-up pair otherwise.
+    fn claimed(&self, pick: u8) -> (JobId, Token) {
+        let running: Vec<(JobId, Token)> = self
+            .state
+            .jobs
+            .jobs
+            .values()
+            .filter_map(|j| j.claim.map(|c| (j.id, c.token)))
+            .collect();
+        match running.get(pick as usize % running.len().max(1)) {
+            Some((job, token)) if pick < 200 => (*job, *token),
+            Some((job, token)) => (*job, Token(token.0.saturating_sub(1))),
+            None => (JobId(u64::from(pick % 8)), Token(u64::from(pick % 16))),
+        }
     }
 
     fn step(&mut self, command: &Command) {
@@ -322,7 +431,14 @@ impl Run {
         }
         match &outcome {
             Outcome::Rejected(_)
-                if matches!(command, Command::Send { .. } | Command::ScheduleControl { .. }) =>
+                if matches!(
+                    command,
+                    Command::Send { .. }
+                        | Command::ScheduleControl { .. }
+                        | Command::Enqueue { .. }
+                        | Command::JobControl { .. }
+                        | Command::PurgeJobs { .. }
+                ) =>
             {
                 let mut rest = self.state.clone();
                 rest.clients = before.clients.clone();
@@ -334,6 +450,18 @@ impl Run {
             Outcome::Assigned { token } => {
                 assert!(token.0 > self.last_token, "token {token} after t{}", self.last_token);
                 self.last_token = token.0;
+            }
+            Outcome::Claimed { jobs } => {
+                for (job, token) in jobs {
+                    assert!(token.0 > self.last_token, "{job} claimed with {token}");
+                    self.last_token = token.0;
+                    let j = &self.state.jobs.jobs[job];
+                    assert!(j.attempt <= j.spec.max_attempts, "{job}: {} attempts", j.attempt);
+                    assert!(
+                        j.run_at_ms <= self.state.jobs.clock_ms,
+                        "{job} claimed before its time"
+                    );
+                }
             }
             _ => {}
         }

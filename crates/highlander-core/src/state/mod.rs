@@ -239,6 +239,28 @@ impl ClusterState {
             Command::ScheduleControl { key, action, request, floor } => {
                 self.schedule_control(key, action, *request, *floor)
             }
+            Command::Enqueue { .. }
+            | Command::ConfigureQueue { .. }
+            | Command::Claim { .. }
+            | Command::CompleteJob { .. }
+            | Command::FailJob { .. }
+            | Command::ExtendJob { .. }
+            | Command::JobControl { .. }
+            | Command::PurgeJobs { .. } => {
+                // A refused job command leaves the state as it was, the job table's clock
+                // (which it read from the entry's stamp) included.
+                let clock = self.jobs.clock_ms;
+                let outcome = self.apply_job(command);
+                if matches!(outcome, Outcome::Rejected(_)) {
+                    self.jobs.clock_ms = clock;
+                }
+                outcome
+            }
+        }
+    }
+
+    fn apply_job(&mut self, command: &Command) -> Outcome {
+        match command {
             Command::Enqueue { queue, payload, spec, request, floor } => {
                 self.enqueue_job(queue, payload, spec, *request, *floor)
             }
@@ -261,6 +283,7 @@ impl ClusterState {
             Command::PurgeJobs { queue, state, request, floor } => {
                 self.purge_jobs(queue, *state, *request, *floor)
             }
+            _ => Outcome::Rejected(Rejection::InvalidJob("not a job command".into())),
         }
     }
 
