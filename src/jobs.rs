@@ -900,8 +900,19 @@ struct Claimed {
     max_attempts: u32,
     payload: Payload,
     deadline_ms: u64,
-    cancel_requested: bool,
     partition: Option<String>,
+}
+
+/// One turn's reading of the applied state (see [`Worker::view`]).
+struct View {
+    /// This session's claims of the queue: job → (claim token, cancel requested).
+    live: BTreeMap<JobId, (Token, bool)>,
+    /// Whether a claim now would find a job.
+    claimable: bool,
+    /// When the queue's next scheduled job falls due.
+    next_due: Option<u64>,
+    /// The cluster's time of day when read.
+    now_ms: u64,
 }
 
 impl Worker {
@@ -951,16 +962,20 @@ impl Worker {
                 }
             }
             let now_lease = shared.lease();
-            self.reconcile(now_lease, stopping);
+            let view = self.view(now_lease.session);
+            self.reconcile(now_lease, &view, stopping);
             self.flush_reports(stopping);
             if !stopping {
-                self.maybe_claim(now_lease);
+                self.maybe_claim(now_lease, &view);
             }
             if stopping && self.calls.is_empty() && self.reports.is_empty() && !self.writing {
                 return;
             }
-            let wake_claim =
-                if self.claiming || stopping { None } else { self.next_claim_time(now_lease) };
+            let wake_claim = if self.claiming || stopping {
+                None
+            } else {
+                self.next_claim_time(now_lease, &view)
+            };
             let wind_down = wind_down_until;
             tokio::select! {
                 _ = applied.changed() => {}
@@ -983,15 +998,33 @@ impl Worker {
         }
     }
 
-    /// The session's claimed jobs of this queue, as applied here.
-    fn claimed(&self, session: SessionId) -> Vec<Claimed> {
+    /// What the loop needs of the applied state, read once per turn under one lock: this
+    /// session's claims of the queue, and whether (or when) a job can be claimed.
+    fn view(&self, session: Option<SessionId>) -> View {
         let applied = self.shared.applied.read();
         let st = &applied.state;
-        let Some(s) = st.sessions.get(&session) else { return Vec::new() };
-        s.jobs
-            .iter()
+        let mut live = BTreeMap::new();
+        let mine = session.and_then(|s| st.sessions.get(&s)).and_then(|s| s.jobs.get(&self.queue));
+        for j in mine.into_iter().flatten().filter_map(|id| st.jobs.jobs.get(id)) {
+            if let Some(c) = j.claim {
+                live.insert(j.id, (c.token, c.cancel_requested));
+            }
+        }
+        let now_ms = self.shared.cluster_clock.now_ms();
+        View {
+            live,
+            claimable: st.jobs.has_claimable(&self.queue, now_ms),
+            next_due: st.jobs.next_due(&self.queue),
+            now_ms,
+        }
+    }
+
+    /// The claimed jobs `ids` as applied here, with what their handlers need.
+    fn details(&self, ids: &[JobId]) -> Vec<Claimed> {
+        let applied = self.shared.applied.read();
+        let st = &applied.state;
+        ids.iter()
             .filter_map(|id| st.jobs.jobs.get(id))
-            .filter(|j| j.queue == self.queue)
             .filter_map(|j| {
                 let c = j.claim?;
                 Some(Claimed {
@@ -1001,7 +1034,6 @@ impl Worker {
                     max_attempts: j.spec.max_attempts,
                     payload: j.payload.clone(),
                     deadline_ms: c.deadline_ms,
-                    cancel_requested: c.cancel_requested,
                     partition: j.spec.partition.clone(),
                 })
             })
@@ -1010,27 +1042,31 @@ impl Worker {
 
     /// Starts handlers for claimed jobs that have none, stops those whose claim is gone or
     /// was cancelled, and forgets ended jobs whose report has been applied.
-    fn reconcile(&mut self, lease: Lease, stopping: bool) {
-        let session = lease.session;
-        let claimed = session.map(|s| self.claimed(s)).unwrap_or_default();
-        let live: BTreeMap<JobId, &Claimed> = claimed.iter().map(|c| (c.id, c)).collect();
-        self.ended.retain(|id, token| live.get(id).is_some_and(|c| c.token == *token));
+    fn reconcile(&mut self, lease: Lease, view: &View, stopping: bool) {
+        let live = &view.live;
+        self.ended.retain(|id, token| live.get(id).is_some_and(|c| c.0 == *token));
         for call in self.calls.values() {
-            let gone = call.jobs.iter().any(|(id, t)| live.get(id).is_none_or(|c| c.token != *t));
-            let cancelled =
-                call.jobs.iter().all(|(id, _)| live.get(id).is_some_and(|c| c.cancel_requested));
+            let gone = call.jobs.iter().any(|(id, t)| live.get(id).is_none_or(|c| c.0 != *t));
+            let cancelled = call.jobs.iter().all(|(id, _)| live.get(id).is_some_and(|c| c.1));
             if gone {
                 call.stop.send_replace(Some(Stop::ClaimGone));
             } else if cancelled && call.stop.borrow().is_none() {
                 call.stop.send_replace(Some(Stop::Cancelled));
             }
         }
-        let Some(session) = session else { return };
+        let Some(session) = lease.session else { return };
+        let in_calls = self.calls.values().flat_map(|c| &c.jobs);
+        let held = in_calls.filter(|(id, _)| live.contains_key(id)).count() + self.ended.len();
+        if live.len() <= held {
+            // Every claim has its handler, running or ended.
+            return;
+        }
         let running: BTreeSet<JobId> =
             self.calls.values().flat_map(|c| c.jobs.iter().map(|(id, _)| *id)).collect();
-        let mut idle: Vec<&Claimed> = claimed
+        let idle: Vec<(JobId, Token)> = live
             .iter()
-            .filter(|c| !running.contains(&c.id) && !self.ended.contains_key(&c.id))
+            .filter(|(id, _)| !running.contains(id) && !self.ended.contains_key(id))
+            .map(|(id, (token, _))| (*id, *token))
             .collect();
         if idle.is_empty() {
             return;
@@ -1038,11 +1074,11 @@ impl Worker {
         if stopping {
             // Claimed as the node began to stop: give them back, uncounted.
             let now = self.shared.cluster_clock.now_ms();
-            for c in idle {
-                self.ended.insert(c.id, c.token);
+            for (job, token) in idle {
+                self.ended.insert(job, token);
                 self.reports.push(Command::FailJob {
-                    job: c.id,
-                    token: c.token,
+                    job,
+                    token,
                     error: "the node shut down before the job started".into(),
                     retry_at_ms: now,
                     discard: false,
@@ -1055,11 +1091,14 @@ impl Worker {
         if !lease.valid_at(session, self.shared.clock.now()) {
             return;
         }
-        idle.sort_by_key(|c| c.id);
-        while !idle.is_empty() && (self.calls.len() as u32) < self.parallel {
-            let take = idle.len().min(self.batch as usize);
-            let jobs: Vec<&Claimed> = idle.drain(..take).collect();
-            self.start_call(session, &jobs);
+        let free = (self.parallel as usize).saturating_sub(self.calls.len()) * self.batch as usize;
+        let ids: Vec<JobId> = idle.iter().take(free).map(|(id, _)| *id).collect();
+        let mut jobs = self.details(&ids);
+        while !jobs.is_empty() && (self.calls.len() as u32) < self.parallel {
+            let take = jobs.len().min(self.batch as usize);
+            let call: Vec<Claimed> = jobs.drain(..take).collect();
+            let refs: Vec<&Claimed> = call.iter().collect();
+            self.start_call(session, &refs);
         }
     }
 
@@ -1172,23 +1211,15 @@ impl Worker {
     }
 
     /// Room for a claim now: the jobs this node could take on (a whole batch's worth in
-    /// batch mode, once no batch runs), if any.
-    fn room(&self, session: SessionId) -> Option<u32> {
+    /// batch mode, once no batch runs), if any. Jobs whose handler has ended while their
+    /// completion is being written hold no handler: their room can be claimed again already
+    /// (the claim's limit counts them, so the state grants only what no handler holds).
+    fn room(&self, view: &View) -> Option<u32> {
         if self.batch > 1 && !self.calls.is_empty() {
             return None;
         }
-        let applied = self.shared.applied.read();
-        let st = &applied.state;
-        // Jobs whose handler has ended while their completion is being written hold no
-        // handler: their room can be claimed again already (the claim's limit counts them,
-        // so the state grants only what no handler holds).
-        let busy = st.sessions.get(&session).map_or(0, |s| {
-            s.jobs
-                .iter()
-                .filter(|id| st.jobs.jobs.get(id).is_some_and(|j| j.queue == self.queue))
-                .filter(|id| !self.ended.contains_key(id))
-                .count()
-        }) as u32;
+        let ended = view.live.keys().filter(|id| self.ended.contains_key(id)).count();
+        let busy = (view.live.len() - ended) as u32;
         let free = (self.parallel * self.batch).saturating_sub(busy);
         (free > 0).then_some(free)
     }
@@ -1196,33 +1227,27 @@ impl Worker {
     /// When to claim next: now (or after the pause an empty claim imposed) if a due job
     /// waits and this node has room, when the next scheduled job falls due, or never (a
     /// change to the applied state or a handler's end wakes the loop).
-    fn next_claim_time(&self, lease: Lease) -> Option<Instant> {
+    fn next_claim_time(&self, lease: Lease, view: &View) -> Option<Instant> {
         let session = lease.session?;
         if !lease.valid_at(session, self.shared.clock.now()) {
             return None;
         }
-        self.room(session)?;
-        let applied = self.shared.applied.read();
-        let now_ms = self.shared.cluster_clock.now_ms();
-        if applied.state.jobs.has_claimable(&self.queue, now_ms) {
+        self.room(view)?;
+        if view.claimable {
             return Some(self.claim_after.max(Instant::now()));
         }
         // A due job that is not claimable waits for the queue's cap: a change wakes us.
-        let due = applied.state.jobs.next_due(&self.queue).filter(|due| *due > now_ms)?;
-        let wait = Duration::from_millis(due - now_ms);
+        let due = view.next_due.filter(|due| *due > view.now_ms)?;
+        let wait = Duration::from_millis(due - view.now_ms);
         Some((Instant::now() + wait).max(self.claim_after))
     }
 
-    fn maybe_claim(&mut self, lease: Lease) {
-        if self.claiming || Instant::now() < self.claim_after {
+    fn maybe_claim(&mut self, lease: Lease, view: &View) {
+        if self.claiming || Instant::now() < self.claim_after || !view.claimable {
             return;
         }
         let Some(session) = lease.session else { return };
-        if !lease.valid_at(session, self.shared.clock.now()) || self.room(session).is_none() {
-            return;
-        }
-        let now_ms = self.shared.cluster_clock.now_ms();
-        if !self.shared.applied.read().state.jobs.has_claimable(&self.queue, now_ms) {
+        if !lease.valid_at(session, self.shared.clock.now()) || self.room(view).is_none() {
             return;
         }
         let limit = self.parallel * self.batch + self.ended.len() as u32;

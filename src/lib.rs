@@ -7,7 +7,8 @@
 //! Postgres or etcd beside them. Every ownership carries a fencing token that strictly
 //! increases per key. The replicated state and the assignment policy live in the sans-IO
 //! `highlander-core` crate; this crate is the runtime that drives them: the Raft glue, the
-//! session keeper, the leader's duties, the task supervisor and the batching proposer.
+//! session keeper, the leader's duties, the task supervisor, the schedule runners, the job
+//! workers and the batching proposer.
 //!
 //! It never reads the wall clock for leases (only `tokio::time`, which a simulator pauses)
 //! and never opens a socket itself: the network is a [`Transport`] you pass in —
@@ -26,6 +27,11 @@
 //!   cluster and never before its time on the cluster's clock (the median of the nodes' wall
 //!   clocks); its run is at-least-once by default. Schedules are the one feature that reads
 //!   the time of day, and they need a majority of clocks synchronised (NTP).
+//! - A job enqueued with [`Node::enqueue`] runs at least once on a worker of its queue
+//!   ([`Node::worker`]) until it completes, dies after its attempts or is cancelled; one
+//!   attempt runs at a time, under a claim token that only grows and that its completion
+//!   must carry. A dead worker's jobs are claimable again when its session expires (about
+//!   the TTL), never while it lives.
 //!
 //! # A tour
 //!

@@ -1,8 +1,8 @@
 //! The sans-IO heart of highlander.
 //!
 //! This crate holds everything about a highlander cluster that can be decided without
-//! touching the world: the replicated state of sessions, keys, owners and message queues
-//! ([`ClusterState`]) and the deterministic [`ClusterState::apply`] that every replica runs on
+//! touching the world: the replicated state of sessions, keys, owners, message queues and
+//! the job table ([`ClusterState`], [`state::JobTable`]) and the deterministic [`ClusterState::apply`] that every replica runs on
 //! the same commands; when a schedule's ticks fall ([`schedule`], with cron expressions and
 //! time zones); the leader's liveness table ([`LeaseTable`]) and its assignment policy
 //! ([`plan`]); the messages nodes exchange ([`wire`]) and the one codec that encodes them

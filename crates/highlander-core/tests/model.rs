@@ -445,7 +445,7 @@ impl Model {
                 storage: s.storage,
                 keys: s.keys.clone(),
                 owned,
-                jobs: BTreeSet::new(),
+                jobs: BTreeMap::new(),
             };
             st.sessions.insert(*id, session);
         }

@@ -436,11 +436,7 @@ impl ClusterState {
         if self.is_superseded(session) {
             return Outcome::Rejected(Rejection::Superseded);
         }
-        let mine = s
-            .jobs
-            .iter()
-            .filter(|id| self.jobs.jobs.get(id).is_some_and(|j| &j.queue == queue))
-            .count();
+        let mine = s.jobs.get(queue).map_or(0, BTreeSet::len);
         let mut room = limit.min(MAX_CLAIM).saturating_sub(mine as u32);
         self.jobs.promote(queue);
         let mut claimed = Vec::new();
@@ -476,8 +472,10 @@ impl ClusterState {
             claimed.push((id, token));
             room -= 1;
         }
-        if let Some(s) = self.sessions.get_mut(&session) {
-            s.jobs.extend(claimed.iter().map(|(id, _)| *id));
+        if let Some(s) = self.sessions.get_mut(&session)
+            && !claimed.is_empty()
+        {
+            s.jobs.entry(queue.clone()).or_default().extend(claimed.iter().map(|(id, _)| *id));
         }
         Outcome::Claimed { jobs: claimed }
     }
@@ -582,8 +580,13 @@ impl ClusterState {
     fn end_attempt(&mut self, id: JobId) -> bool {
         let Some(job) = self.jobs.jobs.get_mut(&id) else { return false };
         let Some(claim) = job.claim.take() else { return false };
-        if let Some(s) = self.sessions.get_mut(&claim.session) {
-            s.jobs.remove(&id);
+        if let Some(s) = self.sessions.get_mut(&claim.session)
+            && let Some(set) = s.jobs.get_mut(&job.queue)
+        {
+            set.remove(&id);
+            if set.is_empty() {
+                s.jobs.remove(&job.queue);
+            }
         }
         if let Some(q) = self.jobs.queues.get_mut(&job.queue) {
             q.running.remove(&id);
@@ -765,7 +768,8 @@ impl ClusterState {
                     if waiting || due || !q.running.contains(id) {
                         return Err(format!("job {id}: running but indexed as waiting"));
                     }
-                    if !self.sessions.get(&c.session).is_some_and(|s| s.jobs.contains(id)) {
+                    let listed = self.sessions.get(&c.session).and_then(|s| s.jobs.get(&job.queue));
+                    if !listed.is_some_and(|ids| ids.contains(id)) {
                         return Err(format!("job {id}: its claim's session is gone"));
                     }
                     if c.token.0 > self.last_token {
@@ -824,9 +828,17 @@ impl ClusterState {
             }
         }
         for s in self.sessions.values() {
-            for id in &s.jobs {
-                if t.jobs.get(id).and_then(|j| j.claim).map(|c| c.session) != Some(s.id) {
-                    return Err(format!("session {} lists job {id} it does not run", s.id));
+            for (queue, ids) in &s.jobs {
+                if ids.is_empty() {
+                    return Err(format!("session {} keeps an empty job set", s.id));
+                }
+                for id in ids {
+                    let Some(j) = t.jobs.get(id) else {
+                        return Err(format!("session {} lists missing job {id}", s.id));
+                    };
+                    if j.claim.map(|c| c.session) != Some(s.id) || &j.queue != queue {
+                        return Err(format!("session {} lists job {id} it does not run", s.id));
+                    }
                 }
             }
         }

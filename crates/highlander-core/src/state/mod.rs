@@ -35,8 +35,9 @@ pub struct Session {
     pub keys: BTreeMap<Key, u64>,
     /// The slots this session owns.
     pub owned: BTreeSet<(Key, u32)>,
-    /// The jobs this session has claimed and not yet completed or failed.
-    pub jobs: BTreeSet<JobId>,
+    /// The jobs this session has claimed and not yet completed or failed, by queue (no
+    /// empty sets).
+    pub jobs: BTreeMap<Key, BTreeSet<JobId>>,
 }
 
 impl Session {
@@ -402,7 +403,7 @@ impl ClusterState {
                 storage,
                 keys: BTreeMap::new(),
                 owned: BTreeSet::new(),
-                jobs: BTreeSet::new(),
+                jobs: BTreeMap::new(),
             },
         );
         self.nodes.insert(
@@ -435,7 +436,7 @@ impl ClusterState {
             self.vacate(key, *slot, None);
         }
         self.jobs_lost(
-            &session.jobs,
+            &session.jobs.values().flatten().copied().collect(),
             "the worker's session ended (its node stopped or was cut off)",
         );
         for key in session.keys.keys() {
