@@ -968,7 +968,8 @@ impl Worker {
             if !stopping {
                 self.maybe_claim(now_lease, &view);
             }
-            if stopping && self.calls.is_empty() && self.reports.is_empty() && !self.writing {
+            let idle = self.calls.is_empty() && self.reports.is_empty();
+            if stopping && idle && !self.writing && !self.claiming {
                 return;
             }
             let wake_claim = if self.claiming || stopping {
@@ -1189,10 +1190,18 @@ impl Worker {
         }
         {
             let applied = self.shared.applied.read();
-            let jobs = &applied.state.jobs.jobs;
+            let st = &applied.state;
             self.reports.retain(|c| match c {
                 Command::CompleteJob { job, token, .. } | Command::FailJob { job, token, .. } => {
-                    jobs.get(job).and_then(|j| j.claim).is_some_and(|c| c.token == *token)
+                    // A claim this node has not applied yet is kept; one it has applied
+                    // is kept while it stands.
+                    token.0 > st.last_token
+                        || st
+                            .jobs
+                            .jobs
+                            .get(job)
+                            .and_then(|j| j.claim)
+                            .is_some_and(|c| c.token == *token)
                 }
                 _ => true,
             });
@@ -1266,6 +1275,27 @@ impl Worker {
         match done {
             Io::Claimed(result) => {
                 self.claiming = false;
+                if let Ok(Outcome::Claimed { jobs }) = &result
+                    && self.shared.is_stopping()
+                {
+                    // Claimed as the node began to stop (this node may not have applied
+                    // the claim yet): give them back at once, uncounted, so the session
+                    // can close instead of holding them until it expires.
+                    let now = self.shared.cluster_clock.now_ms();
+                    for (job, token) in jobs {
+                        if self.ended.insert(*job, *token).is_none() {
+                            self.reports.push(Command::FailJob {
+                                job: *job,
+                                token: *token,
+                                error: "the node shut down before the job started".into(),
+                                retry_at_ms: now,
+                                discard: false,
+                                interrupted: true,
+                            });
+                        }
+                    }
+                    return;
+                }
                 match result {
                     Ok(Outcome::Claimed { jobs }) if !jobs.is_empty() => {
                         self.claim_pause = EMPTY_CLAIM_PAUSE;
