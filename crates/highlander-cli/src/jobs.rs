@@ -6,6 +6,7 @@
 //! is retried. Queue depths are in `highlander status`.
 
 use crate::args::{CliError, Command, Parsed, switch, value};
+use crate::schedules::print_json;
 use crate::status::{request, runtime, table, target};
 use highlander::core::schedule::format_utc;
 use highlander::core::wire::{JobReport, JobsReply, JobsRequest, QueueReport, Request, Response};
@@ -220,13 +221,6 @@ fn control(args: &Parsed, what: JobsRequest) -> Result<String, CliError> {
         JobsReply::Done(Outcome::JobsPurged { count }) => Ok(format!("{count} jobs purged")),
         other => Err(CliError::failed(format!("unexpected answer: {other:?}"))),
     }
-}
-
-fn print_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<(), CliError> {
-    let json = serde_json::to_string_pretty(value)
-        .map_err(|e| CliError::failed(format!("cannot encode as JSON: {e}")))?;
-    println!("{json}");
-    Ok(())
 }
 
 fn node_text(node: Option<NodeId>) -> String {

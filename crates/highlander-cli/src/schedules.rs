@@ -166,7 +166,8 @@ fn change(args: &Parsed, op: ScheduleOp) -> Result<Vec<u64>, CliError> {
     }
 }
 
-fn print_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<(), CliError> {
+/// Prints `value` as pretty JSON (the `--json` of the commands that print state).
+pub(crate) fn print_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<(), CliError> {
     let json = serde_json::to_string_pretty(value)
         .map_err(|e| CliError::failed(format!("cannot encode as JSON: {e}")))?;
     println!("{json}");
