@@ -1136,7 +1136,23 @@ impl Worker {
         let call_id = self.next_call;
         self.next_call += 1;
         let watch = shared.watch.task(self.queue.clone(), 0, jobs[0].token);
-        let fut = Watched::new((self.run)(contexts), watch);
+        let handler = CatchPanic(Box::pin((self.run)(contexts)));
+        let panicked: Vec<JobId> = ids.iter().map(|(id, _, _)| *id).collect();
+        let fut = Watched::new(
+            async move {
+                match handler.await {
+                    Ok(results) => results,
+                    // A panic fails the attempt of every job of the call, like an error.
+                    Err(why) => panicked
+                        .into_iter()
+                        .map(|id| {
+                            (id, Err(JobFailure::retry(format!("the handler panicked: {why}"))))
+                        })
+                        .collect(),
+                }
+            },
+            watch,
+        );
         let backoff = self.backoff.clone();
         let guard = ObservedCall::new(&shared, &self.queue, jobs);
         let driver =
@@ -1161,10 +1177,20 @@ impl Worker {
                     .filter(|(_, c)| c.abort.is_finished())
                     .map(|(id, _)| *id)
                     .collect();
+                // Its jobs go back, so they do not stay claimed until the session ends.
+                let now = self.shared.cluster_clock.now_ms();
                 for id in finished {
                     if let Some(call) = self.calls.remove(&id) {
                         for (job, token) in call.jobs {
                             self.ended.insert(job, token);
+                            self.reports.push(Command::FailJob {
+                                job,
+                                token,
+                                error: format!("the node's job driver failed: {e}"),
+                                retry_at_ms: now,
+                                discard: false,
+                                interrupted: false,
+                            });
                         }
                     }
                 }
@@ -1450,6 +1476,33 @@ async fn drive(
             jobs.iter().map(|(id, token, attempt)| {
                 (*id, *token, stopped(&shared, reason, *id, *token, *attempt, &text, &backoff))
             }).collect()
+        }
+    }
+}
+
+/// A handler's future whose panic is caught and returned as its message, so a panicking
+/// handler fails its jobs' attempts instead of leaving them claimed.
+struct CatchPanic<F>(std::pin::Pin<Box<F>>);
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let fut = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(std::task::Poll::Ready(out)) => std::task::Poll::Ready(Ok(out)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a non-text panic".into());
+                std::task::Poll::Ready(Err(why))
+            }
         }
     }
 }

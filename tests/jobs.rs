@@ -507,3 +507,30 @@ async fn a_graceful_shutdown_hands_running_jobs_over_at_once_without_counting_th
     sim.assert_invariants();
     sim.shutdown_all().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_handler_fails_its_attempt_and_the_job_is_retried() {
+    init_tracing();
+    let mut sim = SimCluster::builder()
+        .nodes(3)
+        .seed(12)
+        .setup(|node| async move {
+            let options = WorkerOptions::default().backoff(|_| Duration::from_millis(50));
+            node.worker("brittle", options, |ctx: JobContext| async move {
+                if ctx.attempt() == 1 {
+                    panic!("boom on attempt 1");
+                }
+                Ok::<_, JobFailure>(())
+            })
+            .await
+        })
+        .build()
+        .await
+        .unwrap();
+    let job = sim.enqueue(1, "brittle", "x", EnqueueOptions::new()).await.unwrap();
+    settle_and_check(&mut sim, Duration::from_secs(10)).await;
+    let report = sim.job(job).unwrap();
+    assert_eq!((report.state, report.attempt), (JobState::Completed, 2));
+    assert!(report.errors[0].error.contains("panicked: boom on attempt 1"), "{:?}", report.errors);
+    sim.shutdown_all().await;
+}
