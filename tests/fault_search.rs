@@ -286,6 +286,7 @@ async fn run_seed(seed: u64) -> Result<String, String> {
     let mut serial = 0u64;
     let mut acknowledged = 0u64;
     let mut jobs = 0u64;
+    let mut producers = tokio::task::JoinSet::new();
     let mut disks = Disks::default();
     let trace = std::env::var("HIGHLANDER_SIM_TRACE").is_ok();
     for step in &schedule.steps {
@@ -343,22 +344,19 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                             return Err(format!("send failed with an unexpected error: {e}"));
                         }
                     }
-                    // And a job, in one of three partitions, from the same node.
-                    let options =
-                        EnqueueOptions::new().partition(format!("p{}", serial % 3)).max_attempts(5);
-                    let enqueue = sim.enqueue(*from, QUEUE, format!("job {serial}"), options);
-                    match tokio::time::timeout(Duration::from_secs(1), enqueue).await {
-                        Ok(Ok(_)) => jobs += 1,
-                        Ok(Err(
-                            Error::Timeout
-                            | Error::Unavailable(_)
-                            | Error::ShuttingDown
-                            | Error::Stopped(_),
-                        ))
-                        | Err(_) => {}
-                        Ok(Err(e)) => {
-                            return Err(format!("enqueue failed with an unexpected error: {e}"));
-                        }
+                    // And a job, in one of three partitions, from the same node: enqueued in
+                    // the background, like a producer beside the faults, so the schedule's
+                    // timing does not depend on how long an enqueue waits for a quorum.
+                    if let Some(node) = sim.try_node(*from).cloned() {
+                        let options = EnqueueOptions::new()
+                            .partition(format!("p{}", serial % 3))
+                            .max_attempts(5);
+                        let payload = format!("job {serial}");
+                        let from = highlander::NodeId(*from);
+                        producers.spawn(async move {
+                            let enqueue = node.enqueue_with(QUEUE, payload, options);
+                            (from, tokio::time::timeout(Duration::from_secs(5), enqueue).await)
+                        });
                     }
                 }
             }
@@ -424,6 +422,30 @@ async fn run_seed(seed: u64) -> Result<String, String> {
         }
         if !sim.violations().is_empty() {
             break;
+        }
+    }
+
+    // The producers' answers: an acknowledged job must finish (invariant 13).
+    let queue = highlander::Key::new(QUEUE).map_err(|e| e.to_string())?;
+    while let Some(done) = producers.join_next().await {
+        match done.map_err(|e| format!("a producer failed: {e}"))? {
+            (from, Ok(Ok(job))) => {
+                jobs += 1;
+                let at = sim.now();
+                let event = highlander_sim::Event::JobEnqueued { from, queue: queue.clone(), job };
+                let _ = sim.checker().record(at, event);
+            }
+            (
+                _,
+                Ok(Err(
+                    Error::Timeout
+                    | Error::Unavailable(_)
+                    | Error::ShuttingDown
+                    | Error::Stopped(_),
+                )),
+            )
+            | (_, Err(_)) => {}
+            (_, Ok(Err(e))) => return Err(format!("enqueue failed with an unexpected error: {e}")),
         }
     }
 
