@@ -435,36 +435,7 @@ impl Node {
         payload: impl Into<Payload>,
         options: EnqueueOptions,
     ) -> Result<JobId, Error> {
-        let queue = queue.into_key()?;
-        let payload = payload.into();
-        let shared = self.shared();
-        let mut spec = options.spec;
-        if let Some(delay) = options.delay {
-            spec.run_at_ms =
-                Some(shared.cluster_clock.now_ms().saturating_add(delay.as_millis() as u64));
-        }
-        spec.validate().map_err(Error::InvalidJob)?;
-        let max = {
-            let applied = shared.applied.read();
-            applied.state.limits.unwrap_or(shared.limits).max_payload_bytes
-        };
-        if payload.len() as u64 > u64::from(max) {
-            return Err(Error::PayloadTooLarge { size: payload.len() as u64, max: u64::from(max) });
-        }
-        need_session(shared).await?;
-        let (serial, floor, _guard) = shared.begin_request();
-        let command = Command::Enqueue {
-            queue: queue.clone(),
-            payload,
-            spec: Box::new(spec),
-            request: RequestId { client: shared.client(), serial },
-            floor,
-        };
-        match shared.proposer.write_one(command).await {
-            Ok(Outcome::Enqueued { job }) => Ok(job),
-            Ok(other) => Err(outcome_error(&queue, other)),
-            Err(e) => Err(write_error(e)),
-        }
+        enqueue(self.shared(), queue.into_key()?, payload.into(), options).await
     }
 
     /// Runs `handler` for jobs of `queue` on this node, `options.concurrency` at a time.
@@ -666,6 +637,42 @@ impl Node {
     }
 }
 
+/// Enqueues a job through this node (the API's and a peer's or the CLI's way in).
+async fn enqueue(
+    shared: &Shared,
+    queue: Key,
+    payload: Payload,
+    options: EnqueueOptions,
+) -> Result<JobId, Error> {
+    let mut spec = options.spec;
+    if let Some(delay) = options.delay {
+        spec.run_at_ms =
+            Some(shared.cluster_clock.now_ms().saturating_add(delay.as_millis() as u64));
+    }
+    spec.validate().map_err(Error::InvalidJob)?;
+    let max = {
+        let applied = shared.applied.read();
+        applied.state.limits.unwrap_or(shared.limits).max_payload_bytes
+    };
+    if payload.len() as u64 > u64::from(max) {
+        return Err(Error::PayloadTooLarge { size: payload.len() as u64, max: u64::from(max) });
+    }
+    need_session(shared).await?;
+    let (serial, floor, _guard) = shared.begin_request();
+    let command = Command::Enqueue {
+        queue: queue.clone(),
+        payload,
+        spec: Box::new(spec),
+        request: RequestId { client: shared.client(), serial },
+        floor,
+    };
+    match shared.proposer.write_one(command).await {
+        Ok(Outcome::Enqueued { job }) => Ok(job),
+        Ok(other) => Err(outcome_error(&queue, other)),
+        Err(e) => Err(write_error(e)),
+    }
+}
+
 async fn need_session(shared: &Shared) -> Result<SessionId, Error> {
     // Requests are de-duplicated per process, which the cluster learns of with its session.
     session::wait_for_session(shared, shared.timing.write_timeout)
@@ -786,6 +793,12 @@ pub(crate) async fn serve(shared: &Arc<Shared>, request: JobsRequest) -> Result<
         JobsRequest::Purge { queue, state } => {
             let count = purge(shared, queue, state).await?;
             Ok(JobsReply::Done(Outcome::JobsPurged { count }))
+        }
+        JobsRequest::Enqueue { queue, payload, spec, delay_ms } => {
+            let options =
+                EnqueueOptions { spec: *spec, delay: delay_ms.map(Duration::from_millis) };
+            let job = enqueue(shared, queue, payload, options).await?;
+            Ok(JobsReply::Done(Outcome::Enqueued { job }))
         }
     }
 }

@@ -1,5 +1,5 @@
 //! `highlander jobs list | show | retry | cancel | purge`: the cluster's job table, as a
-//! node has applied it, and an operator's changes to it.
+//! node has applied it, and an operator's changes to it; `highlander enqueue` adds a job.
 //!
 //! `list` and `show` read what the asked node has applied. `retry`, `cancel` and `purge`
 //! are written through the cluster by the node asked, once each however often the request
@@ -10,7 +10,7 @@ use crate::schedules::print_json;
 use crate::status::{request, runtime, table, target};
 use highlander::core::schedule::format_utc;
 use highlander::core::wire::{JobReport, JobsReply, JobsRequest, QueueReport, Request, Response};
-use highlander::{JobAction, JobId, JobState, Key, NodeId, Outcome};
+use highlander::{JobAction, JobId, JobSpec, JobState, Key, NodeId, Outcome};
 
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
 
@@ -114,6 +114,77 @@ limits: count, bytes and age); prints how many.
         value("--timeout-ms"),
     ],
 };
+
+pub static ENQUEUE: Command = Command {
+    name: "enqueue",
+    usage: "highlander enqueue --config node.toml --queue Q (--payload TEXT | --payload-file F) [options]",
+    help: concat!(
+        "\
+Enqueues a job through a node; prints its id once the cluster has committed it. With
+--unique, a retry of the same command can never enqueue the job twice: it fails with
+\"an unfinished job (jN) holds the unique key\" instead (exit 1).
+  --queue Q          the queue
+  --payload TEXT     the job's input, as given
+  --payload-file F   the job's input, read from a file (- for standard input)
+  --unique KEY       refuse it while an unfinished job of the queue holds KEY
+  --partition KEY    count it against the queue's per-partition cap
+  --priority N       0 (first, the default) to 9
+  --delay-ms N       not before N ms from now (the cluster's clock)
+  --max-attempts N   attempts before it is dead (default 25)
+  --job-timeout-ms N how long one attempt may run (default: the worker's)",
+        options!()
+    ),
+    flags: &[
+        value("--config"),
+        value("--node"),
+        value("--queue"),
+        value("--payload"),
+        value("--payload-file"),
+        value("--unique"),
+        value("--partition"),
+        value("--priority"),
+        value("--delay-ms"),
+        value("--max-attempts"),
+        value("--job-timeout-ms"),
+        value("--timeout-ms"),
+    ],
+};
+
+pub fn enqueue(args: &Parsed) -> Result<(), CliError> {
+    let queue = queue(args)?.ok_or_else(|| args.error("--queue is required"))?;
+    let payload = match (args.get("--payload"), args.get("--payload-file")) {
+        (Some(text), None) => text.as_bytes().to_vec(),
+        (None, Some("-")) => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                .map_err(|e| CliError::failed(format!("cannot read standard input: {e}")))?;
+            buf
+        }
+        (None, Some(file)) => {
+            std::fs::read(file).map_err(|e| CliError::failed(format!("cannot read {file}: {e}")))?
+        }
+        _ => return Err(args.error("give exactly one of --payload and --payload-file")),
+    };
+    let spec = JobSpec {
+        priority: args.number("--priority", 0u8, highlander::core::MAX_JOB_PRIORITY)?.unwrap_or(0),
+        run_at_ms: None,
+        max_attempts: args.number("--max-attempts", 1u32, u32::MAX)?.unwrap_or(25),
+        timeout_ms: args.number("--job-timeout-ms", 1u64, u64::MAX)?,
+        unique: args.get("--unique").map(str::to_string),
+        partition: args.get("--partition").map(str::to_string),
+    };
+    spec.validate().map_err(|e| args.error(e))?;
+    let delay_ms = args.number("--delay-ms", 0u64, u64::MAX)?;
+    let what =
+        JobsRequest::Enqueue { queue, payload: payload.into(), spec: Box::new(spec), delay_ms };
+    match ask(args, what)? {
+        JobsReply::Done(Outcome::Enqueued { job }) => {
+            println!("{job}");
+            Ok(())
+        }
+        other => Err(CliError::failed(format!("unexpected answer: {other:?}"))),
+    }
+}
 
 pub fn list(args: &Parsed) -> Result<(), CliError> {
     let queue = queue(args)?;

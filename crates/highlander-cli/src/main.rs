@@ -11,7 +11,8 @@
 //! - `highlander schedules list | show | pause | resume | trigger` shows the cluster's
 //!   schedules (owner, last and next ticks, counters, recent fires) and changes one.
 //! - `highlander jobs list | show | retry | cancel | purge` shows the job table (the dead
-//!   letters with `--state dead`) and retries, cancels or purges jobs.
+//!   letters with `--state dead`) and retries, cancels or purges jobs; `highlander enqueue`
+//!   adds one.
 //! - `highlander wal verify` and `highlander wal dump` check and print a stopped node's data
 //!   directory.
 //! - `highlander check-config` reads a `node.toml` as a node would and says what it means.
@@ -46,6 +47,7 @@ Commands:
   schedules list   every schedule: owner, last and next tick, counters
   schedules show   one schedule: spec, next ticks, pending and recent fires
   schedules pause | resume | trigger   stop and restart a schedule, or run it now
+  enqueue        add a job to a queue (from a script: --payload-file -)
   jobs list      jobs by queue and state (dead letters: --state dead)
   jobs show      one job: state, attempts and errors, owner and token, result
   jobs retry | cancel | purge   run a dead job again, cancel one, drop finished ones
@@ -72,6 +74,7 @@ static COMMANDS: &[(&[&str], &Command, Run)] = &[
     (&["schedules", "pause"], &schedules::PAUSE, schedules::pause),
     (&["schedules", "resume"], &schedules::RESUME, schedules::resume),
     (&["schedules", "trigger"], &schedules::TRIGGER, schedules::trigger),
+    (&["enqueue"], &jobs::ENQUEUE, jobs::enqueue),
     (&["jobs", "list"], &jobs::LIST, jobs::list),
     (&["jobs", "show"], &jobs::SHOW, jobs::show),
     (&["jobs", "retry"], &jobs::RETRY, jobs::retry),

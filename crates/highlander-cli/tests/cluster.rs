@@ -363,12 +363,13 @@ async fn members_replace_remove_and_add_a_node_through_the_leader() {
     }
 }
 
-/// The dead-letter path from the command line: a job that fails every attempt is listed
+/// The dead-letter path from the command line: a job enqueued with `highlander enqueue`
+/// (once: a retry with its unique key is refused) that fails every attempt is listed
 /// with `jobs list --state dead`, shown with its errors, retried with `jobs retry` (and
 /// completes once the failure is gone), and purged; `status` shows the queue's depths.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_dead_letters_are_listed_shown_retried_and_purged_from_the_cli() {
-    use highlander::{EnqueueOptions, JobFailure, JobState, WorkerOptions};
+    use highlander::{JobFailure, JobState, WorkerOptions};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     let c = cluster(3, false).await;
@@ -390,11 +391,43 @@ async fn jobs_dead_letters_are_listed_shown_retried_and_purged_from_the_cli() {
         .unwrap();
     }
     let node1 = &c.nodes[&NodeId(1)];
-    let job =
-        node1.enqueue_with("mail", "to ada", EnqueueOptions::new().max_attempts(2)).await.unwrap();
+    let config1 = s(&c.configs[&NodeId(1)]);
+    // Enqueued from the command line, through node 2.
+    let enqueue = [
+        "enqueue",
+        "--config",
+        config1,
+        "--node",
+        "2",
+        "--queue",
+        "mail",
+        "--payload",
+        "to ada",
+        "--max-attempts",
+        "2",
+    ];
+    let r = highlander_async(&enqueue).await.expect(0);
+    let job = r
+        .stdout
+        .trim()
+        .strip_prefix('j')
+        .and_then(|n| n.parse().ok())
+        .map(highlander::JobId)
+        .unwrap_or_else(|| panic!("a job id: {r:?}"));
+    // A queue nobody works on: the unique key stays held, and a retry is refused.
+    let unique = ["enqueue", "--config", config1, "--queue", "outbox", "--payload", "x"];
+    let unique = [&unique[..], &["--unique", "order:42"]].concat();
+    let first = highlander_async(&unique).await.expect(0);
+    let r = highlander_async(&unique).await.expect(1);
+    let held = format!("({}) holds the unique key", first.stdout.trim());
+    assert!(r.stderr.contains(&held), "{r:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while node1.job(job).is_none() {
+        assert!(std::time::Instant::now() < deadline, "node 1 never applied {job}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let dead = node1.wait(job, Duration::from_secs(20)).await.unwrap();
     assert_eq!(dead.state, JobState::Dead);
-    let config1 = s(&c.configs[&NodeId(1)]);
 
     let r =
         highlander_async(&["jobs", "list", "--config", config1, "--state", "dead"]).await.expect(0);

@@ -1,7 +1,7 @@
 //! What nodes say to each other. Every frame on every transport is one [`Request`] or one
 //! [`Response`], encoded by [`codec`](crate::codec).
 
-use crate::command::{Command, JobAction, JobState, KeySpec, Outcome, QueueCaps};
+use crate::command::{Command, JobAction, JobSpec, JobState, KeySpec, Outcome, QueueCaps};
 use crate::schedule::ScheduleSpec;
 use crate::state::{FireRecord, Job, JobError, PendingTick, ScheduleCounts};
 use crate::{JobId, Key, NodeId, Payload, SessionId, Token};
@@ -86,6 +86,17 @@ pub enum JobsRequest {
         queue: Option<Key>,
         /// Completed, dead or cancelled.
         state: JobState,
+    },
+    /// Enqueue a job through the receiving node (as `Node::enqueue_with` there).
+    Enqueue {
+        /// The queue.
+        queue: Key,
+        /// The job's input.
+        payload: Payload,
+        /// Its options.
+        spec: Box<JobSpec>,
+        /// Not before this long from now on the cluster's clock (instead of a run-at).
+        delay_ms: Option<u64>,
     },
 }
 
