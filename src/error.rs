@@ -204,7 +204,11 @@ pub enum Error {
         job: JobId,
     },
     /// The job is not in a state the call applies to (retrying a running job, ...).
-    #[error("job {job} is {}", state.name())]
+    #[error(
+        "job {job} is {}: cancel applies to unfinished jobs, retry to dead or cancelled ones, \
+         discard and purge to finished ones",
+        state.name()
+    )]
     WrongJobState {
         /// The job.
         job: JobId,

@@ -585,7 +585,10 @@ impl Node {
     }
 
     /// Waits until the job has finished (completed, dead or cancelled) as applied on this
-    /// node, at most `timeout`; returns its report.
+    /// node, at most `timeout`; returns its report. A job already dropped by the retention
+    /// limits (or discarded) is [`Error::NoSuchJob`]. A change made through another node is
+    /// seen once this node has applied it, so a `wait` right after a `retry_job` elsewhere
+    /// may still see the job's earlier end.
     pub async fn wait(&self, job: JobId, timeout: Duration) -> Result<JobReport, Error> {
         let shared = self.shared();
         let mut changes = shared.applied.subscribe();
@@ -1077,11 +1080,26 @@ impl Worker {
         }
         let running: BTreeSet<JobId> =
             self.calls.values().flat_map(|c| c.jobs.iter().map(|(id, _)| *id)).collect();
-        let idle: Vec<(JobId, Token)> = live
-            .iter()
-            .filter(|(id, _)| !running.contains(id) && !self.ended.contains_key(id))
-            .map(|(id, (token, _))| (*id, *token))
-            .collect();
+        let mut idle: Vec<(JobId, Token)> = Vec::new();
+        for (id, (token, cancelled)) in live {
+            if running.contains(id) || self.ended.contains_key(id) {
+                continue;
+            }
+            if *cancelled {
+                // Cancelled before its handler started: end the attempt without running it.
+                self.ended.insert(*id, *token);
+                self.reports.push(Command::FailJob {
+                    job: *id,
+                    token: *token,
+                    error: "cancelled before it started".into(),
+                    retry_at_ms: self.shared.cluster_clock.now_ms(),
+                    discard: false,
+                    interrupted: false,
+                });
+                continue;
+            }
+            idle.push((*id, *token));
+        }
         if idle.is_empty() {
             return;
         }

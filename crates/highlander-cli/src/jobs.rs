@@ -14,17 +14,6 @@ use highlander::{JobAction, JobId, JobSpec, JobState, Key, NodeId, Outcome};
 
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
 
-macro_rules! options {
-    () => {
-        "
-
-Options:
-  --config FILE    a node.toml of the cluster (its credentials and peer list are used)
-  --node N         the node to ask (default: the config's own node)
-  --timeout-ms T   how long to wait for the answer (default 5000)"
-    };
-}
-
 pub static LIST: Command = Command {
     name: "jobs list",
     usage: "highlander jobs list --config node.toml [--queue Q] [--state S] [--limit N] [--json]",
@@ -37,7 +26,7 @@ and claim token running it, and its last error.
                    completed, dead (the dead letters) or cancelled
   --limit N        at most N jobs (default 50)
   --json           print the jobs as JSON",
-        options!()
+        ask_node_options!()
     ),
     flags: &[
         value("--config"),
@@ -59,7 +48,7 @@ Describes one job: its state, options, attempts and their errors, the node and t
 running it, and its result.
   --job ID         the job (as printed, j42, or 42)
   --json           print it as JSON",
-        options!()
+        ask_node_options!()
     ),
     flags: &[
         value("--config"),
@@ -77,7 +66,7 @@ pub static RETRY: Command = Command {
         "\
 Runs a dead or cancelled job again, now, with its attempts counted from zero.
   --job ID         the job",
-        options!()
+        ask_node_options!()
     ),
     flags: &[value("--config"), value("--node"), value("--job"), value("--timeout-ms")],
 };
@@ -90,7 +79,7 @@ pub static CANCEL: Command = Command {
 Cancels a job: one that has not started is cancelled at once; a running one's handler is
 asked to stop (and aborted after the stop grace), and the job ends cancelled.
   --job ID         the job",
-        options!()
+        ask_node_options!()
     ),
     flags: &[value("--config"), value("--node"), value("--job"), value("--timeout-ms")],
 };
@@ -104,7 +93,7 @@ Drops finished jobs in a state from the table (they are also dropped by the rete
 limits: count, bytes and age); prints how many.
   --state S        dead, completed or cancelled
   --queue Q        only this queue",
-        options!()
+        ask_node_options!()
     ),
     flags: &[
         value("--config"),
@@ -132,7 +121,7 @@ Enqueues a job through a node; prints its id once the cluster has committed it. 
   --delay-ms N       not before N ms from now (the cluster's clock)
   --max-attempts N   attempts before it is dead (default 25)
   --job-timeout-ms N how long one attempt may run (default: the worker's)",
-        options!()
+        ask_node_options!()
     ),
     flags: &[
         value("--config"),

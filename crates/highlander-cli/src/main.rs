@@ -20,6 +20,19 @@
 //! Exit codes: 0 on success, 1 when the command failed, 2 when the command line is wrong.
 //! Every error names the argument or the configuration field at fault.
 
+/// The options of the commands that ask one node (`schedules`, `jobs`, `enqueue`), for
+/// their help texts.
+macro_rules! ask_node_options {
+    () => {
+        "
+
+Options:
+  --config FILE    a node.toml of the cluster (its credentials and peer list are used)
+  --node N         the node to ask (default: the config's own node)
+  --timeout-ms T   how long to wait for the answer (default 5000)"
+    };
+}
+
 mod args;
 mod certs;
 mod check;

@@ -15,18 +15,6 @@ use highlander::{CatchUp, Delivery, Key, Overlap, StatusReport, TickOrigin, Trig
 
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
 
-/// The options every `schedules` command takes.
-macro_rules! options {
-    () => {
-        "
-
-Options:
-  --config FILE    a node.toml of the cluster (its credentials and peer list are used)
-  --node N         the node to ask (default: the config's own node)
-  --timeout-ms T   how long to wait for the answer (default 5000)"
-    };
-}
-
 pub static LIST: Command = Command {
     name: "schedules list",
     usage: "highlander schedules list --config node.toml [--node N] [--json]",
@@ -36,7 +24,7 @@ Lists every schedule: its trigger and zone, its owner and fencing token, whether
 paused, the last tick fired, the next one, and how many ticks ran, were missed (the
 catch-up policy did not run them) or skipped (an earlier tick was still running).
   --json           print the schedules as JSON",
-        options!()
+        ask_node_options!()
     ),
     flags: &[value("--config"), value("--node"), switch("--json"), value("--timeout-ms")],
 };
@@ -51,7 +39,7 @@ and not finished), the last 10 fires with the node and token that ran them, thei
 outcome and lateness, and its counters.
   --key KEY        the schedule
   --json           print it as JSON",
-        options!()
+        ask_node_options!()
     ),
     flags: &[
         value("--config"),
@@ -69,7 +57,7 @@ pub static PAUSE: Command = Command {
         "\
 Pauses a schedule: no tick fires until it is resumed. Runs going on finish.
   --key KEY        the schedule",
-        options!()
+        ask_node_options!()
     ),
     flags: &[value("--config"), value("--node"), value("--key"), value("--timeout-ms")],
 };
@@ -81,7 +69,7 @@ pub static RESUME: Command = Command {
         "\
 Resumes a paused schedule. Ticks that fell due while it was paused are skipped.
   --key KEY        the schedule",
-        options!()
+        ask_node_options!()
     ),
     flags: &[value("--config"), value("--node"), value("--key"), value("--timeout-ms")],
 };
@@ -94,7 +82,7 @@ pub static TRIGGER: Command = Command {
 Runs a schedule's handler once now, on its owner, beside its regular ticks; prints the run
 id (see `schedules show`).
   --key KEY        the schedule",
-        options!()
+        ask_node_options!()
     ),
     flags: &[value("--config"), value("--node"), value("--key"), value("--timeout-ms")],
 };

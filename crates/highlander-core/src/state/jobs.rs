@@ -189,11 +189,6 @@ pub struct JobTable {
 }
 
 impl JobTable {
-    /// The jobs of a queue in `state` (as of `now_ms`, see [`Job::state_at`]).
-    pub fn count(&self, queue: &Key, state: JobState, now_ms: u64) -> usize {
-        self.jobs.values().filter(|j| &j.queue == queue && j.state_at(now_ms) == state).count()
-    }
-
     /// Whether a claim on `queue` at `now_ms` would find a job: a due job below the caps.
     pub fn has_claimable(&self, queue: &Key, now_ms: u64) -> bool {
         let Some(q) = self.queues.get(queue) else { return false };
@@ -534,7 +529,7 @@ impl ClusterState {
         if interrupted && let Some(job) = self.jobs.jobs.get_mut(&id) {
             // Not the job's fault: the attempt is given back, and the job keeps its place
             // in line (its earlier run-at) instead of queueing behind newer jobs.
-            job.attempt -= 1;
+            job.attempt = job.attempt.saturating_sub(1);
             retry_at_ms = retry_at_ms.min(job.run_at_ms);
         }
         let state = self.attempt_failed(id, error, retry_at_ms, discard);
