@@ -282,6 +282,7 @@ fn setup(args: Args) -> Result<Setup, String> {
             identity: highlander::quic::Identity::ClusterSecret(secret),
             timing: Timing::standard(),
             data_dir: None,
+            voters: None,
         }
     };
     if args.fast {

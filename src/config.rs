@@ -1,5 +1,8 @@
-//! Timing presets and the validation that keeps them safe.
+//! Timing presets and the validation that keeps them safe, and which peers vote.
 
+use crate::error::ConfigError;
+use highlander_core::NodeId;
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 /// The clocks of a node: Raft's heartbeat and election timeouts, and the session lease.
@@ -266,5 +269,78 @@ mod tests {
 
         let t = Timing { election_min: Duration::from_millis(60), ..Timing::default() };
         assert!(t.validate().unwrap_err().to_string().contains("twice the heartbeat"));
+    }
+}
+
+/// The most voters a cluster gets by default: the first five peers (by id) vote, the others
+/// are learners.
+pub const DEFAULT_MAX_VOTERS: usize = 5;
+
+/// The peers that vote when the cluster forms: the first `voters` ids of `peers` (all of
+/// them up to [`DEFAULT_MAX_VOTERS`] when `voters` is `None`).
+pub(crate) fn initial_voters(
+    peers: &BTreeSet<NodeId>,
+    voters: Option<usize>,
+) -> Result<BTreeSet<NodeId>, ConfigError> {
+    let n = voters.unwrap_or(peers.len().min(DEFAULT_MAX_VOTERS));
+    if n == 0 || n > peers.len() {
+        return Err(ConfigError::Voters { voters: n, peers: peers.len() });
+    }
+    Ok(peers.iter().copied().take(n).collect())
+}
+
+/// What a voter set of `n` costs, if it is not the usual 3 or 5 (or more, odd): one
+/// sentence for `check-config` and `status`, `None` for an odd number of 3 or more.
+pub fn voters_warning(n: usize) -> Option<String> {
+    match n {
+        0 => Some("no voters: nothing can be committed".into()),
+        1 => Some(
+            "1 voter: the cluster stops writing (no failover, no sends) while that node is down; \
+             use 3 voters to tolerate 1 failure"
+                .into(),
+        ),
+        2 => Some(
+            "2 voters: a quorum is both, so the cluster stops writing while either is down; \
+             use 3 voters to tolerate 1 failure"
+                .into(),
+        ),
+        n if n % 2 == 0 => Some(format!(
+            "{n} voters: tolerate {} failure(s), no more than {} voters would, with a larger \
+             quorum ({}); use {} or {}",
+            (n - 1) / 2,
+            n - 1,
+            n / 2 + 1,
+            n - 1,
+            n + 1
+        )),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod voter_tests {
+    use super::*;
+
+    #[test]
+    fn the_first_ids_vote_and_the_default_is_five() {
+        let peers: BTreeSet<NodeId> = (1..=9).map(NodeId).collect();
+        let ids = |v: BTreeSet<NodeId>| v.into_iter().map(|n| n.0).collect::<Vec<_>>();
+        assert_eq!(ids(initial_voters(&peers, None).unwrap()), vec![1, 2, 3, 4, 5]);
+        assert_eq!(ids(initial_voters(&peers, Some(3)).unwrap()), vec![1, 2, 3]);
+        let three: BTreeSet<NodeId> = (1..=3).map(NodeId).collect();
+        assert_eq!(ids(initial_voters(&three, None).unwrap()), vec![1, 2, 3]);
+        assert!(initial_voters(&three, Some(0)).is_err());
+        assert!(initial_voters(&three, Some(4)).is_err());
+    }
+
+    #[test]
+    fn even_and_tiny_voter_sets_say_what_they_cost() {
+        assert_eq!(voters_warning(3), None);
+        assert_eq!(voters_warning(5), None);
+        assert_eq!(voters_warning(7), None);
+        assert!(voters_warning(1).unwrap().contains("1 voter"));
+        assert!(voters_warning(2).unwrap().contains("either"));
+        let four = voters_warning(4).unwrap();
+        assert!(four.contains("tolerate 1 failure") && four.contains("quorum (3)"), "{four}");
     }
 }

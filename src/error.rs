@@ -61,6 +61,17 @@ pub enum ConfigError {
     /// joined the cluster later.
     #[error("node id {0} is too large: node ids must be below 2^63")]
     NodeIdTooLarge(NodeId),
+    /// The number of voters is not between 1 and the number of peers.
+    #[error(
+        "voters = {voters} is out of range: use 1 to {peers} (the number of peers); 3 or 5 is \
+         usual, the other peers are learners"
+    )]
+    Voters {
+        /// The number asked for.
+        voters: usize,
+        /// The number of peers.
+        peers: usize,
+    },
     /// The simulated clock rate is out of range.
     #[error("clock rate {0} is out of range: use 0.5 to 2.0 (1.0 outside simulations)")]
     ClockRate(String),

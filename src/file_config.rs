@@ -11,6 +11,9 @@
 //! 2 = "127.0.0.1:7002"
 //! 3 = "127.0.0.1:7003"
 //!
+//! # voters = 3       # optional: the first 3 ids vote, the others are learners
+//! #                  # (default: every peer up to 5, then the first 5)
+//!
 //! [tls]              # either a shared cluster secret ...
 //! cluster_secret_file = "cluster.secret"
 //! # cluster_secret_env = "HIGHLANDER_SECRET"
@@ -50,6 +53,8 @@ struct FileRoot {
     timing: FileTiming,
     #[serde(default)]
     data_dir: Option<PathBuf>,
+    #[serde(default)]
+    voters: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -92,6 +97,9 @@ pub struct NodeConfig {
     pub timing: Timing,
     /// Where the node keeps its durable state, if configured.
     pub data_dir: Option<PathBuf>,
+    /// How many peers vote when the cluster forms (see
+    /// [`NodeBuilder::voters`](crate::NodeBuilder::voters)); `None` for the default.
+    pub voters: Option<usize>,
 }
 
 fn field(field: &str, reason: impl Into<String>) -> ConfigError {
@@ -148,7 +156,30 @@ impl NodeConfig {
         let identity = identity(&root.tls, base)?;
         let timing = timing(&root.timing)?;
         let data_dir = root.data_dir.map(|d| resolve(base, &d));
-        Ok(NodeConfig { id, listen: root.listen, peers, identity, timing, data_dir })
+        if let Some(n) = root.voters
+            && (n == 0 || n > peers.len())
+        {
+            return Err(field(
+                "voters",
+                format!("{n} is out of range: use 1 to {} (the number of peers)", peers.len()),
+            ));
+        }
+        Ok(NodeConfig {
+            id,
+            listen: root.listen,
+            peers,
+            identity,
+            timing,
+            data_dir,
+            voters: root.voters,
+        })
+    }
+
+    /// What this configuration costs that the user may not expect (an even or tiny voter
+    /// set), one sentence each; empty when nothing is worth saying.
+    pub fn warnings(&self) -> Vec<String> {
+        let n = self.voters.unwrap_or(self.peers.len().min(crate::config::DEFAULT_MAX_VOTERS));
+        crate::config::voters_warning(n).into_iter().collect()
     }
 
     /// The QUIC transport's configuration.

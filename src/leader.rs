@@ -203,6 +203,9 @@ pub(crate) async fn duties_loop(shared: Arc<Shared>) {
                 (Some(t), current) if current != Some(t) => {
                     // A new leadership: forget what was known, give every session a full grace.
                     info!(node = %shared.id, term = t, "leading; every session gets a full grace");
+                    if let Some(o) = &shared.observer {
+                        o.leader_elected(shared.id, t);
+                    }
                     *guard = Some(LeaseTable::new(t, shared.now_millis()).led_by(shared.id));
                 }
                 _ => {}

@@ -79,7 +79,7 @@ mod task;
 mod watchdog;
 
 pub use clock::{SystemClock, WallClock};
-pub use config::{Timing, TimingError};
+pub use config::{DEFAULT_MAX_VOTERS, Timing, TimingError, voters_warning};
 pub use error::{ConfigError, Error};
 pub use file_config::NodeConfig;
 pub use highlander_core::wire::ScheduleReport;

@@ -112,6 +112,10 @@ pub(crate) async fn run(
     info!(node = %shared.id, member, phase = ?shared.boot.phase(), "raft started");
     let settle = async {
         match shared.boot.phase() {
+            // A learner by configuration asks the leader for its place, as a joining one does.
+            Phase::Bootstrapping if !shared.voters.contains(&shared.id) => {
+                join(&shared, member, &peers).await
+            }
             Phase::Bootstrapping => bootstrap(&shared, &peers).await,
             Phase::Joining => join(&shared, member, &peers).await,
             Phase::Blank | Phase::Member => {}
@@ -127,14 +131,14 @@ pub(crate) async fn run(
             }
             // A node that cannot go on (removed, superseded, storage lost) stops its Raft
             // too: a storage that left the membership would otherwise keep calling elections
-            // with ever higher terms (openraft 0.9 has no pre-vote).
+            // with ever higher terms.
             () = shared.fatal_stop() => shared.raft.shutdown().await,
         }
     };
     let peer_list: Vec<NodeId> = peers.iter().copied().collect();
     tokio::join!(
         shared.raft.clone().forward_metrics(),
-        shared.raft.clone().quiet_when_unheard(peer_list.clone(), shared.transport.clone()),
+        shared.raft.clone().campaign_when_leaderless(shared.transport.clone()),
         shared.raft.clone().watch_round_trips(peer_list, shared.transport.clone()),
         settle,
         fail_stop,
@@ -259,8 +263,9 @@ async fn pause(shared: &Shared, d: Duration) {
     }
 }
 
-/// Forms the cluster once every peer has recorded that it bootstraps (or is a member
-/// already), unless a leader has reached this node first. Waiting for every peer, not a
+/// Forms the cluster, its voters being the configured ones, once every peer has recorded
+/// that it bootstraps (or is a member already), unless a leader has reached this node first.
+/// The other peers join as learners (see `join`). Waiting for every peer, not a
 /// quorum, keeps a slower peer from finding the cluster formed before it decided: it would
 /// join as new storage and leave its first member id a voter that nobody runs.
 async fn bootstrap(shared: &Shared, peers: &BTreeSet<NodeId>) {
@@ -275,8 +280,10 @@ async fn bootstrap(shared: &Shared, peers: &BTreeSet<NodeId>) {
             .filter(|a| matches!(a.phase, Phase::Bootstrapping | Phase::Member))
             .count();
         if ready == peers.len() {
-            match shared.raft.initialize(peers).await {
-                Ok(()) => info!(node = %shared.id, "cluster formed from the static peer list"),
+            match shared.raft.initialize(&shared.voters).await {
+                Ok(()) => {
+                    info!(node = %shared.id, voters = ?shared.voters, "cluster formed from the static peer list")
+                }
                 Err(e) => warn!(node = %shared.id, error = %e, "initialize failed"),
             }
             break;
@@ -499,6 +506,34 @@ pub(crate) async fn serve(
             if !left.is_empty() {
                 shared.raft.remove_members(left, timeout).await?;
             }
+        }
+        MembershipRequest::Demote { node } => {
+            let report = shared.raft.membership_report();
+            let of_node: BTreeSet<u64> = report
+                .members
+                .iter()
+                .filter(|m| m.node == node && m.voter)
+                .map(|m| m.member)
+                .collect();
+            if of_node.is_empty() {
+                return Err(MembershipRefusal::Invalid(format!(
+                    "node {} does not vote; nothing to demote",
+                    node.0
+                )));
+            }
+            let voters: BTreeSet<u64> = report
+                .members
+                .iter()
+                .filter(|m| m.voter && !of_node.contains(&m.member))
+                .map(|m| m.member)
+                .collect();
+            if voters.is_empty() {
+                return Err(MembershipRefusal::Invalid(format!(
+                    "node {} holds the last vote; add another voter first",
+                    node.0
+                )));
+            }
+            shared.raft.demote_to(voters, timeout).await?;
         }
         MembershipRequest::Replace { node } => replace(shared, node).await?,
     }

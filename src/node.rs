@@ -62,6 +62,8 @@ pub(crate) struct Shared {
     pub(crate) id: NodeId,
     /// Every node of the static peer list, this one included.
     pub(crate) peers: BTreeSet<NodeId>,
+    /// The peers that vote when the cluster forms (the others join as learners).
+    pub(crate) voters: BTreeSet<NodeId>,
     pub(crate) timing: Timing,
     pub(crate) limits: Limits,
     pub(crate) raft: RaftNode,
@@ -231,6 +233,12 @@ impl Shared {
         if matches!(phase, Phase::Blank | Phase::Bootstrapping | Phase::Joining) {
             warnings.push(format!("storage not yet in the cluster ({phase:?})"));
         }
+        let voters = self.raft.members();
+        if !voters.is_empty()
+            && let Some(w) = crate::config::voters_warning(voters.len())
+        {
+            warnings.push(w);
+        }
         let queues = applied.state.queue_reports(cluster_now);
         StatusReport {
             queues,
@@ -322,6 +330,7 @@ pub struct NodeBuilder {
     clock_rate: f64,
     fail_stop: bool,
     observer: Option<Arc<dyn Observer>>,
+    voters: Option<usize>,
 }
 
 impl Default for NodeBuilder {
@@ -337,6 +346,7 @@ impl Default for NodeBuilder {
             clock_rate: 1.0,
             fail_stop: false,
             observer: None,
+            voters: None,
         }
     }
 }
@@ -345,6 +355,7 @@ impl Default for NodeBuilder {
 struct Validated {
     id: NodeId,
     peers: BTreeSet<NodeId>,
+    voters: BTreeSet<NodeId>,
     transport: Arc<dyn Transport>,
 }
 
@@ -364,6 +375,10 @@ impl NodeBuilder {
             .peers(config.peers.keys().copied())
             .transport(transport)
             .timing(config.timing);
+        let builder = match config.voters {
+            Some(n) => builder.voters(n),
+            None => builder,
+        };
         Ok(match &config.data_dir {
             Some(dir) => builder.data_dir(dir),
             None => builder,
@@ -452,6 +467,22 @@ impl NodeBuilder {
         self
     }
 
+    /// How many peers vote: the first `n` ids of the peer list (default: every peer up to
+    /// [`DEFAULT_MAX_VOTERS`](crate::DEFAULT_MAX_VOTERS), then the first five). The other
+    /// peers are **learners**: they replicate the log, hold sessions, own keys, run jobs
+    /// and forward writes like any node, but never vote, so 50 instances cost the quorum of
+    /// 3 or 5. Failover and hand-over bounds are the same for keys a learner owns.
+    ///
+    /// It applies when the cluster forms. After that, which storage votes is the cluster's
+    /// own record, changed only by explicit membership changes ([`Node::add_member`],
+    /// [`Node::demote_member`], [`Node::remove_member`]), never by editing one node's file.
+    /// Every node must be given the same number. An even number or fewer than 3 is allowed
+    /// and costs what [`voters_warning`](crate::voters_warning) says.
+    pub fn voters(mut self, n: usize) -> Self {
+        self.voters = Some(n);
+        self
+    }
+
     /// A hook that sees every task start, stop and delivery (used by the simulator).
     pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
         self.observer = Some(observer);
@@ -487,7 +518,8 @@ impl NodeBuilder {
         }
         self.timing.validate()?;
         self.limits.validate()?;
-        Ok(Validated { id, peers, transport })
+        let voters = crate::config::initial_voters(&peers, self.voters)?;
+        Ok(Validated { id, peers, voters, transport })
     }
 
     /// Starts the node: opens (and locks) its storage, serves the transport, and starts its
@@ -502,7 +534,7 @@ impl NodeBuilder {
     /// Raft member it was. Fails at once if the storage cannot be opened (locked by another
     /// process, damaged, or another node's).
     pub async fn start(self) -> Result<Node, Error> {
-        let Validated { id, peers, transport } = self.validate()?;
+        let Validated { id, peers, voters, transport } = self.validate()?;
         let storage = self.storage.unwrap_or_else(|| Storage::Memory(MemStorage::new()));
         let (boot, in_flight) = match &storage {
             Storage::Memory(m) => (m.next_boot(), crate::proposer::IN_FLIGHT_MEMORY),
@@ -531,6 +563,7 @@ impl NodeBuilder {
         let shared = Arc::new(Shared {
             id,
             peers: peers.clone(),
+            voters,
             timing: self.timing,
             limits: self.limits,
             raft: raft.clone(),
@@ -971,6 +1004,16 @@ impl Node {
         self.check_running()?;
         let node = node.into();
         membership::ask_leader(&self.shared, MembershipRequest::Replace { node }).await
+    }
+
+    /// Takes `node`'s vote away, keeping it as a learner: it still replicates the log, holds
+    /// its session, owns keys and forwards writes, but no longer counts towards a quorum.
+    /// Through the leader, joint consensus; refused for the last voter. [`add_member`]
+    /// (Self::add_member) gives the vote back.
+    pub async fn demote_member(&self, node: impl Into<NodeId>) -> Result<MembershipReport, Error> {
+        self.check_running()?;
+        let node = node.into();
+        membership::ask_leader(&self.shared, MembershipRequest::Demote { node }).await
     }
 
     /// The fencing tokens of the slots this node's session owns, as applied here.

@@ -13,6 +13,13 @@ pub trait Observer: Send + Sync + 'static {
         let _ = (node, key, slot, token);
     }
 
+    /// This node began leading Raft term `term`: it won an election. A hint for checkers of
+    /// election stability; a leader's authority never rests on it (every lease it grants is
+    /// confirmed by a quorum).
+    fn leader_elected(&self, node: NodeId, term: u64) {
+        let _ = (node, term);
+    }
+
     /// The task has stopped: it returned, panicked, was aborted, or its node was killed.
     /// No code of the task runs after this call.
     fn task_stopped(&self, node: NodeId, key: &Key, slot: u32, token: Token) {

@@ -295,3 +295,67 @@ async fn a_restarted_node_gives_up_its_previous_session_at_once() {
     assert!(total < Timing::default().session_ttl / 2, "waited {took:?}: looks like a TTL expiry");
     sim.assert_invariants();
 }
+
+/// Restarts that disturb nobody (pre-vote): 100 restarts of followers into a healthy
+/// cluster, crashes and graceful stops in turn, half of them while the leader's messages to
+/// the restarted node are still held up (a connection being re-established) for longer than
+/// an election timeout. No term rises, the leader stays, and no key owned by a node that was
+/// not restarted changes hands, except to the restarted node itself: the planner's load
+/// spread gives a returning node its share back, one release at a time.
+#[tokio::test(start_paused = true)]
+async fn follower_restarts_raise_no_term_and_move_no_other_key() {
+    let keys: &[&str] = &["a", "b", "c", "d", "e", "f"];
+    let journal = Journal::default();
+    let mut sim = cluster(17, keys, &journal).await;
+    for k in keys {
+        owned(&sim, k).await;
+    }
+    sim.run_for(Duration::from_secs(1)).await;
+    let first = sim.status().unwrap();
+    let (leader, term) = (first.leader.expect("a leader"), first.term);
+    let timing = Timing::default();
+    let (mut moved_with_restart, mut spread_back) = (0, 0);
+    for i in 0..100u64 {
+        let followers: Vec<NodeId> = sim.ids().into_iter().filter(|n| *n != leader).collect();
+        let f = followers[i as usize % followers.len()];
+        let before: Vec<_> = keys.iter().map(|k| sim.owners(k)[0]).collect();
+        if i % 2 == 0 {
+            sim.kill(f).await;
+        } else {
+            sim.shutdown(f).await;
+        }
+        let held_up = i % 4 < 2;
+        if held_up {
+            sim.partition_oneway(&[leader.0], &[f.0]);
+        }
+        if held_up {
+            sim.restart_in_background(f).await.expect("restart");
+            sim.run_for(timing.election_max * 3).await;
+            sim.heal();
+        } else {
+            sim.restart(f).await.expect("restart");
+        }
+        sim.run_for(Duration::from_millis(700)).await;
+        for node in sim.ids() {
+            let st = sim.node(node).status();
+            assert_eq!(st.term, term, "restart {i} of {f}: {node} is at term {}", st.term);
+        }
+        for (k, was) in keys.iter().zip(before) {
+            let now = sim.owners(k)[0];
+            match (was, now) {
+                (Some((owner, _)), _) if owner == f => {
+                    moved_with_restart += usize::from(now != was)
+                }
+                (_, Some((owner, _))) if owner == f && now != was => spread_back += 1,
+                _ => assert_eq!(now, was, "restart {i} of {f} moved {k}"),
+            }
+        }
+    }
+    let st = sim.status().unwrap();
+    assert_eq!((st.leader, st.term), (Some(leader), term));
+    println!(
+        "100 follower restarts: term {term} throughout, leader {leader} throughout, \
+         {moved_with_restart} keys moved off the restarted node, {spread_back} onto it"
+    );
+    sim.assert_invariants();
+}

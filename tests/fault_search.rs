@@ -135,6 +135,81 @@ impl fmt::Display for Step {
     }
 }
 
+impl Step {
+    /// The node whose process this step stops, starts or replaces, if any.
+    fn acts_on(&self) -> Option<u64> {
+        match self {
+            Step::Kill(n)
+            | Step::Restart(n)
+            | Step::Shutdown(n)
+            | Step::Wipe(n)
+            | Step::Replace(n)
+            | Step::Readd(n) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+/// When each node could have lost its leadership by a fault: one entry per step, from the
+/// instant the step began until the next one, naming the nodes that were stopped, started or
+/// replaced by the step, or whose messages could not reach a quorum of the others (cut,
+/// lossy links, peers down). The rule checked with it: a term rises only after the leader of
+/// the previous term was in such a set (pre-vote: a node that starts, restarts or is cut off
+/// alone never raises the term of a cluster whose leader is alive).
+#[derive(Default)]
+struct Disturbances(Vec<(Duration, std::collections::BTreeSet<u64>)>);
+
+impl Disturbances {
+    fn record(&mut self, sim: &SimCluster, nodes: u64, began: Duration, step: Option<&Step>) {
+        let quorum = nodes / 2 + 1;
+        let mut set: std::collections::BTreeSet<u64> =
+            step.and_then(Step::acts_on).into_iter().collect();
+        for l in 1..=nodes {
+            let unheard = (1..=nodes)
+                .filter(|m| *m != l)
+                .filter(|m| !sim.network().delivers(highlander::NodeId(l), highlander::NodeId(*m)))
+                .count() as u64;
+            if unheard >= quorum || sim.try_node(l).is_none() {
+                set.insert(l);
+            }
+        }
+        self.0.push((began, set));
+    }
+
+    /// Whether `node` was disturbed at some moment of `[from, to]`.
+    fn disturbed(&self, node: u64, from: Duration, to: Duration) -> bool {
+        self.0.iter().enumerate().any(|(i, (start, set))| {
+            let end = self.0.get(i + 1).map_or(Duration::MAX, |(next, _)| *next);
+            set.contains(&node) && *start <= to && end >= from
+        })
+    }
+
+    /// Checks the elections seen: one leader per term, and a term rises only when the
+    /// previous leader was disturbed between its election and the next one.
+    fn check(&self, elections: &[(Duration, highlander::NodeId, u64)]) -> Result<usize, String> {
+        let mut by_term = elections.to_vec();
+        by_term.sort_by_key(|(at, _, term)| (*term, *at));
+        // A leader that saw its leadership flicker (its metrics) reports the same term again.
+        by_term.dedup_by_key(|(_, node, term)| (*node, *term));
+        for pair in by_term.windows(2) {
+            let ((at0, n0, t0), (at1, n1, t1)) = (pair[0], pair[1]);
+            if t0 == t1 && n0 != n1 {
+                return Err(format!(
+                    "two leaders in term {t0}: {n0} at {at0:?} and {n1} at {at1:?}"
+                ));
+            }
+            if t1 > t0 && !self.disturbed(n0.0, at0, at1) {
+                return Err(format!(
+                    "term rose from {t0} (leader {n0}, elected at {:.3}s) to {t1} ({n1}, at                      {:.3}s) with no fault on {n0} in between",
+                    at0.as_secs_f64(),
+                    at1.as_secs_f64()
+                ));
+            }
+        }
+        Ok(by_term.len())
+    }
+}
+
 fn key_name(i: usize) -> &'static str {
     if i < KEYS.len() { KEYS[i] } else { GROUP }
 }
@@ -289,9 +364,12 @@ async fn run_seed(seed: u64) -> Result<String, String> {
     let mut producers = tokio::task::JoinSet::new();
     let mut disks = Disks::default();
     let trace = std::env::var("HIGHLANDER_SIM_TRACE").is_ok();
+    let mut disturbances = Disturbances::default();
+    disturbances.record(&sim, schedule.nodes, sim.now(), None);
     for step in &schedule.steps {
+        let began = sim.now();
         if trace {
-            eprintln!("[{:>8.3}s] {step}", sim.now().as_secs_f64());
+            eprintln!("[{:>8.3}s] {step}", began.as_secs_f64());
         }
         match step {
             Step::Kill(n) => sim.kill(*n).await,
@@ -420,6 +498,7 @@ async fn run_seed(seed: u64) -> Result<String, String> {
             }
             Step::Wait(ms) => sim.run_for(Duration::from_millis(*ms)).await,
         }
+        disturbances.record(&sim, schedule.nodes, began, Some(step));
         if !sim.violations().is_empty() {
             break;
         }
@@ -456,8 +535,10 @@ async fn run_seed(seed: u64) -> Result<String, String> {
     for id in sim.ids() {
         if sim.try_node(id).is_none() {
             sim.restart_in_background(id).await.map_err(|e| format!("restart {id}: {e}"))?;
+            disturbances.record(&sim, schedule.nodes, faults_end, Some(&Step::Restart(id.0)));
         }
     }
+    disturbances.record(&sim, schedule.nodes, sim.now(), None);
     // Every node's current storage votes again: removed nodes are added back; replaced
     // storage is promoted by the leader once the old one has been silent for a TTL.
     let bound = Timing::default().session_ttl * 3 + Duration::from_secs(10);
@@ -591,10 +672,12 @@ async fn run_seed(seed: u64) -> Result<String, String> {
         let lines: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
         return Err(lines.join("\n"));
     }
+    let elections = disturbances.check(sim.checker().elections())?;
     sim.shutdown_all().await;
     let [wiped, replaced, readded] = disks.counts;
     Ok(format!(
-        "faults {:.1}s, owned again {} ms after, {acknowledged} acknowledged, {jobs} jobs, \
+        "faults {:.1}s, owned again {} ms after, {elections} elections, {acknowledged} \
+         acknowledged, {jobs} jobs, \
          {} starts, \
          {wiped} disks lost, {replaced} processes replaced, {readded} nodes removed and added",
         faults_end.as_secs_f64(),

@@ -15,6 +15,7 @@
 //! `membership`), so a [`RaftNode`] is created unstarted and started once the id is known.
 
 mod network;
+mod prevote;
 pub(crate) mod store;
 mod transfer;
 
@@ -31,7 +32,7 @@ use openraft::raft::VoteRequest;
 use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use store::{Log, StateMachine};
@@ -94,37 +95,18 @@ struct Inner {
     started: OnceLock<Started>,
     /// openraft's server metrics, forwarded once Raft runs; default until then.
     server: watch::Sender<ServerMetrics>,
-    heard: Arc<Heard>,
     peers: Arc<PeerHealth>,
+    /// Whether this node leads or heard its leader within the lease: a follower whose leader
+    /// is gone keeps naming it in openraft's metrics until an election, which pre-vote may
+    /// rightly never allow (a minority), so the hint is dropped instead.
+    leader_heard: Arc<AtomicBool>,
 }
 
 struct Started {
     raft: Raft,
     member: u64,
+    tail: store::Tail,
     snapshots: Arc<transfer::Receiver>,
-}
-
-/// When this node last heard from any peer: a Raft request from one, or a response to one
-/// of its own.
-pub(crate) struct Heard {
-    origin: Instant,
-    at_ms: AtomicU64,
-}
-
-impl Heard {
-    fn new() -> Heard {
-        Heard { origin: Instant::now(), at_ms: AtomicU64::new(0) }
-    }
-
-    pub(crate) fn now(&self) {
-        let ms = self.origin.elapsed().as_millis() as u64;
-        self.at_ms.fetch_max(ms, Ordering::Relaxed);
-    }
-
-    fn silent_for(&self) -> Duration {
-        let last = self.at_ms.load(Ordering::Relaxed);
-        self.origin.elapsed().saturating_sub(Duration::from_millis(last))
-    }
 }
 
 /// What this node saw of its peers' answers: when each member last answered a Raft request,
@@ -217,6 +199,8 @@ fn raft_config(timing: &Timing) -> Result<Arc<Config>, String> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(2_000),
         max_in_snapshot_log_to_keep: 500,
         purge_batch_size: 64,
+        // Elections are called by `prevote` instead: openraft 0.9 has no pre-vote.
+        enable_elect: false,
         ..Config::default()
     };
     config.validate().map(Arc::new).map_err(|e| e.to_string())
@@ -233,8 +217,8 @@ impl RaftNode {
                 timing,
                 started: OnceLock::new(),
                 server: watch::channel(ServerMetrics::default()).0,
-                heard: Arc::new(Heard::new()),
                 peers: Arc::new(PeerHealth::new()),
+                leader_heard: Arc::new(AtomicBool::new(true)),
             }),
         }
     }
@@ -250,17 +234,13 @@ impl RaftNode {
     ) -> Result<(), String> {
         let inner = &self.inner;
         let config = raft_config(&inner.timing)?;
-        let network = network::Network::new(
-            transport,
-            &inner.timing,
-            inner.heard.clone(),
-            inner.peers.clone(),
-        );
+        let network = network::Network::new(transport, &inner.timing, inner.peers.clone());
         let snapshots = Arc::new(transfer::Receiver::new(sm.inbox()));
+        let tail = log.tail();
         let raft = Raft::new(member, config, network, log, sm).await.map_err(|e| e.to_string())?;
         inner
             .started
-            .set(Started { raft, member, snapshots })
+            .set(Started { raft, member, tail, snapshots })
             .map_err(|_| "raft started twice".to_string())?;
         Ok(())
     }
@@ -337,6 +317,9 @@ impl RaftNode {
 
     /// The node of the leader this node knows of: a routing hint, never authority.
     pub(crate) fn leader_hint(&self) -> Option<NodeId> {
+        if !self.inner.leader_heard.load(Ordering::Relaxed) {
+            return None;
+        }
         let m = self.inner.server.borrow();
         let leader = m.current_leader?;
         m.membership_config.membership().get_node(&leader).map(|n| NodeId(n.node))
@@ -443,62 +426,19 @@ impl RaftNode {
         }
     }
 
-    /// Keeps a node whose messages get no answers from calling elections, until they do.
-    ///
-    /// openraft 0.9 has no pre-vote: a node cut off one way (it reaches the others, nothing
-    /// reaches it) campaigns with ever higher terms, the others grant its votes (their leader
-    /// lease has run out, and granting resets their own election timers) and no leader is
-    /// ever elected while the cut lasts. Such a node could never win anyway, since no vote
-    /// reaches it; and whether elections happen never affects Raft's safety, only liveness.
-    ///
-    /// Silence alone does not tell a cut-off node from a quiet cluster (after a heal, say,
-    /// every node may have gone quiet), so a node that has heard nothing for a while pings
-    /// its peers: an answer means it can be heard, and it calls elections again.
-    pub(crate) async fn quiet_when_unheard(
-        self,
-        peers: Vec<NodeId>,
-        transport: Arc<dyn Transport>,
-    ) {
-        let Some(raft) = self.raft().cloned() else { return };
-        let timing = self.inner.timing;
-        let heard = self.inner.heard.clone();
-        let peers: Vec<NodeId> = peers.into_iter().filter(|m| *m != self.inner.id).collect();
-        if peers.is_empty() {
-            return;
-        }
-        let limit = timing.election_max * 3;
-        let mut electing = true;
-        let mut tick = tokio::time::interval(timing.heartbeat);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut probes = tokio::task::JoinSet::new();
-        loop {
-            tick.tick().await;
-            while probes.try_join_next().is_some() {}
-            let silent = heard.silent_for();
-            if silent > limit / 2 && probes.is_empty() {
-                for peer in &peers {
-                    let (transport, heard, peer) = (transport.clone(), heard.clone(), *peer);
-                    let timeout = timing.heartbeat * 2;
-                    probes.spawn(async move {
-                        if let Ok(Response::Pong) =
-                            transport.request(peer, Request::Ping, timeout).await
-                        {
-                            heard.now();
-                        }
-                    });
-                }
-            }
-            let silent = heard.silent_for();
-            if electing && silent > limit {
-                tracing::warn!(node = %self.inner.id, silent_ms = silent.as_millis() as u64, "no peer heard from: not calling elections until one is");
-                raft.runtime_config().elect(false);
-                electing = false;
-            } else if !electing && silent <= limit {
-                tracing::info!(node = %self.inner.id, "a peer is heard again: calling elections when needed");
-                raft.runtime_config().elect(true);
-                electing = true;
-            }
-        }
+    /// Calls elections on this node when a quorum of voters has lost the leader, with
+    /// pre-vote (see `prevote`); runs until Raft stops.
+    pub(crate) async fn campaign_when_leaderless(self, transport: Arc<dyn Transport>) {
+        let Some(s) = self.inner.started.get() else { return };
+        prevote::campaign_when_leaderless(
+            s.raft.clone(),
+            s.member,
+            s.tail.clone(),
+            self.inner.timing,
+            transport,
+            self.inner.leader_heard.clone(),
+        )
+        .await
     }
 
     /// Measures the round trip to every peer once per keepalive interval, with a generous
@@ -568,7 +508,6 @@ impl RaftNode {
         let Some(started) = self.inner.started.get().filter(|s| s.member == to) else {
             return Response::WrongMember { current: self.member() };
         };
-        self.inner.heard.now();
         let raft = &started.raft;
         fn reply<T: serde::Serialize>(value: &T) -> Response {
             match codec::encode(value) {
@@ -592,6 +531,12 @@ impl RaftNode {
                 Ok(chunk) => self.receive_snapshot_chunk(started, chunk).await,
                 Err(e) => Response::Refused(format!("bad snapshot chunk: {e}")),
             },
+            RaftMessage::PreVote(body) => {
+                match codec::decode::<VoteRequest<u64>>(body.as_bytes()) {
+                    Ok(rpc) => prevote::answer(raft, &started.tail, &self.inner.timing, &rpc).await,
+                    Err(e) => Response::Refused(format!("bad PreVote: {e}")),
+                }
+            }
         }
     }
 
@@ -702,6 +647,20 @@ impl RaftNode {
         }
         changing(timeout, || {
             raft.change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), false)
+        })
+        .await
+    }
+
+    /// Makes the voters exactly `voters`, keeping the voters that leave as learners (they
+    /// go on replicating the log, holding sessions and owning keys). Joint consensus.
+    pub(crate) async fn demote_to(
+        &self,
+        voters: BTreeSet<u64>,
+        timeout: Duration,
+    ) -> Result<(), MembershipRefusal> {
+        let raft = self.leading_raft()?;
+        changing(timeout, || {
+            raft.change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), true)
         })
         .await
     }
@@ -835,6 +794,9 @@ pub(crate) fn decode_raft_payloads(bytes: &[u8]) {
         again(v);
     }
     if let Ok(v) = codec::decode::<Result<VoteResponse<u64>, RaftError<u64>>>(bytes) {
+        again(v);
+    }
+    if let Ok(v) = codec::decode::<prevote::PreVoteReply>(bytes) {
         again(v);
     }
     if let Ok(v) = codec::decode::<transfer::Chunk>(bytes) {

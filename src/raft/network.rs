@@ -38,7 +38,6 @@ const CHUNK_TIMEOUT: Duration = Duration::from_secs(3);
 pub(crate) struct Network {
     transport: Arc<dyn Transport>,
     backoff: Duration,
-    heard: Arc<super::Heard>,
     health: Arc<PeerHealth>,
 }
 
@@ -46,10 +45,9 @@ impl Network {
     pub(crate) fn new(
         transport: Arc<dyn Transport>,
         timing: &Timing,
-        heard: Arc<super::Heard>,
         health: Arc<PeerHealth>,
     ) -> Network {
-        Network { transport, backoff: timing.heartbeat, heard, health }
+        Network { transport, backoff: timing.heartbeat, health }
     }
 }
 
@@ -62,7 +60,6 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             node: NodeId(node.node),
             member: target,
             backoff: self.backoff,
-            heard: self.heard.clone(),
             health: self.health.clone(),
         }
     }
@@ -74,7 +71,6 @@ pub(crate) struct Peer {
     node: NodeId,
     member: u64,
     backoff: Duration,
-    heard: Arc<super::Heard>,
     health: Arc<PeerHealth>,
 }
 
@@ -91,15 +87,13 @@ impl Peer {
         let response = self.transport.request(self.node, request, timeout).await;
         match &response {
             Ok(Response::Raft(_)) => {
-                self.heard.now();
                 self.health.answered(self.member);
                 if action != RPCTypes::InstallSnapshot {
                     self.health.round_trip(sent.elapsed());
                 }
             }
-            Ok(_) => self.heard.now(),
             Err(TransportError::Timeout) => self.health.timed_out(),
-            Err(_) => {}
+            Ok(_) | Err(_) => {}
         }
         match response {
             Ok(Response::Raft(body)) => codec::decode::<Resp>(body.as_bytes())

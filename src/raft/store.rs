@@ -240,8 +240,40 @@ impl DiskStorage {
 /// The log, whichever storage holds it, and how far the durable snapshot reaches (the log
 /// is never purged past it).
 pub(crate) enum Log {
-    Mem(MemLog, Coverage),
-    Wal(Box<highlander_wal::LogStore<TypeConfig>>, Coverage),
+    Mem(MemLog, Coverage, Tail),
+    Wal(Box<highlander_wal::LogStore<TypeConfig>>, Coverage, Tail),
+}
+
+impl Log {
+    /// The id of the log's last entry, kept current as the log changes.
+    pub(crate) fn tail(&self) -> Tail {
+        let (Log::Mem(_, _, tail) | Log::Wal(_, _, tail)) = self;
+        tail.clone()
+    }
+
+    /// Records the log's last id after a change that may have moved it back or past entries.
+    async fn reread_tail(&mut self) -> StorageResult<()> {
+        let state = self.get_log_state().await?;
+        let (Log::Mem(_, _, tail) | Log::Wal(_, _, tail)) = self;
+        tail.set(state.last_log_id);
+        Ok(())
+    }
+}
+
+/// The id of the last entry in the log (or the last purged one, if none is left): what
+/// openraft 0.9's state knows but does not expose, for pre-vote's comparison of logs.
+#[derive(Clone, Default)]
+pub(crate) struct Tail(Arc<Mutex<Option<LogId>>>);
+
+impl Tail {
+    /// The last log id.
+    pub(crate) fn get(&self) -> Option<LogId> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, last: Option<LogId>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = last;
+    }
 }
 
 /// How far the newest durable snapshot reaches: its last log index + 1 (0 for none). The
@@ -303,8 +335,8 @@ impl RaftLogReader<TypeConfig> for Log {
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
         match self {
-            Log::Mem(m, _) => m.try_get_log_entries(range).await,
-            Log::Wal(w, _) => w.try_get_log_entries(range).await,
+            Log::Mem(m, ..) => m.try_get_log_entries(range).await,
+            Log::Wal(w, ..) => w.try_get_log_entries(range).await,
         }
     }
 }
@@ -313,44 +345,47 @@ impl RaftLogStorage<TypeConfig> for Log {
     type LogReader = Reader;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
-        match self {
-            Log::Mem(m, _) => m.get_log_state().await,
-            Log::Wal(w, _) => w.get_log_state().await,
-        }
+        let state = match self {
+            Log::Mem(m, ..) => m.get_log_state().await,
+            Log::Wal(w, ..) => w.get_log_state().await,
+        }?;
+        let (Log::Mem(_, _, tail) | Log::Wal(_, _, tail)) = self;
+        tail.set(state.last_log_id);
+        Ok(state)
     }
 
     async fn get_log_reader(&mut self) -> Reader {
         match self {
-            Log::Mem(m, _) => Reader::Mem(m.get_log_reader().await),
-            Log::Wal(w, _) => Reader::Wal(w.get_log_reader().await),
+            Log::Mem(m, ..) => Reader::Mem(m.get_log_reader().await),
+            Log::Wal(w, ..) => Reader::Wal(w.get_log_reader().await),
         }
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> StorageResult<()> {
         match self {
-            Log::Mem(m, _) => m.save_vote(vote).await,
-            Log::Wal(w, _) => w.save_vote(vote).await,
+            Log::Mem(m, ..) => m.save_vote(vote).await,
+            Log::Wal(w, ..) => w.save_vote(vote).await,
         }
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<u64>>> {
         match self {
-            Log::Mem(m, _) => m.read_vote().await,
-            Log::Wal(w, _) => w.read_vote().await,
+            Log::Mem(m, ..) => m.read_vote().await,
+            Log::Wal(w, ..) => w.read_vote().await,
         }
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> StorageResult<()> {
         match self {
-            Log::Mem(m, _) => m.save_committed(committed).await,
-            Log::Wal(w, _) => w.save_committed(committed).await,
+            Log::Mem(m, ..) => m.save_committed(committed).await,
+            Log::Wal(w, ..) => w.save_committed(committed).await,
         }
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId>> {
         match self {
-            Log::Mem(m, _) => m.read_committed().await,
-            Log::Wal(w, _) => w.read_committed().await,
+            Log::Mem(m, ..) => m.read_committed().await,
+            Log::Wal(w, ..) => w.read_committed().await,
         }
     }
 
@@ -359,28 +394,38 @@ impl RaftLogStorage<TypeConfig> for Log {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
+        let (Log::Mem(_, _, tail) | Log::Wal(_, _, tail)) = self;
+        let tail = tail.clone();
+        let mut last = None;
+        let entries = entries.into_iter().inspect(|e| last = Some(e.log_id));
         match self {
-            Log::Mem(m, _) => m.append(entries, callback).await,
-            Log::Wal(w, _) => w.append(entries, callback).await,
+            Log::Mem(m, ..) => m.append(entries, callback).await,
+            Log::Wal(w, ..) => w.append(entries, callback).await,
+        }?;
+        if last.is_some() {
+            tail.set(last);
         }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> StorageResult<()> {
         match self {
-            Log::Mem(m, _) => m.truncate(log_id).await,
-            Log::Wal(w, _) => w.truncate(log_id).await,
-        }
+            Log::Mem(m, ..) => m.truncate(log_id).await,
+            Log::Wal(w, ..) => w.truncate(log_id).await,
+        }?;
+        self.reread_tail().await
     }
 
     async fn purge(&mut self, log_id: LogId) -> StorageResult<()> {
-        let (Log::Mem(_, coverage) | Log::Wal(_, coverage)) = self;
+        let (Log::Mem(_, coverage, _) | Log::Wal(_, coverage, _)) = self;
         if !coverage.wait_covers(log_id.index).await {
             tracing::error!(upto = log_id.index, "no durable snapshot covers the purge");
         }
         match self {
-            Log::Mem(m, _) => m.purge(log_id).await,
-            Log::Wal(w, _) => w.purge(log_id).await,
-        }
+            Log::Mem(m, ..) => m.purge(log_id).await,
+            Log::Wal(w, ..) => w.purge(log_id).await,
+        }?;
+        self.reread_tail().await
     }
 }
 
@@ -535,7 +580,7 @@ pub(crate) fn open(storage: Storage, applied: Arc<AppliedState>) -> Result<Opene
                 (d.identity, blank)
             };
             Ok(Opened {
-                log: Log::Mem(MemLog::new(m.clone()), coverage),
+                log: Log::Mem(MemLog::new(m.clone()), coverage, Tail::default()),
                 sm,
                 lock: None,
                 identity,
@@ -568,7 +613,7 @@ pub(crate) fn open(storage: Storage, applied: Arc<AppliedState>) -> Result<Opene
             let log = highlander_wal::LogStore::new(opened.wal, d.io).map_err(|e| e.to_string())?;
             let coverage = sm.coverage.clone();
             Ok(Opened {
-                log: Log::Wal(Box::new(log), coverage),
+                log: Log::Wal(Box::new(log), coverage, Tail::default()),
                 sm,
                 lock: Some(opened.lock),
                 identity,

@@ -36,9 +36,24 @@ pub fn check_config(args: &Parsed) -> Result<(), CliError> {
         let own = if *id == config.id { " (this node)" } else { "" };
         line(if i == 0 { "peers" } else { "" }, format!("{id} at {addr}{own}"));
     }
-    let n = config.peers.len();
+    let n = config.voters.unwrap_or(config.peers.len().min(highlander::DEFAULT_MAX_VOTERS));
+    let voters: Vec<String> = config.peers.keys().take(n).map(|id| id.to_string()).collect();
+    let learners = config.peers.len() - n;
+    line(
+        "voters",
+        format!(
+            "{} (when the cluster forms; then changed only by `members`), {learners} learner(s)",
+            voters.join(", ")
+        ),
+    );
     let quorum = n / 2 + 1;
-    line("quorum", format!("{quorum} of {n} nodes; the cluster works with {} down", n - quorum));
+    line(
+        "quorum",
+        format!("{quorum} of {n} voters; the cluster works with {} voter(s) down", n - quorum),
+    );
+    for w in config.warnings() {
+        line("warning", w);
+    }
     match &config.identity {
         Identity::ClusterSecret(_) => line(
             "identity",

@@ -6,7 +6,7 @@
 //! - `highlander status` asks a running node, over QUIC with the cluster's credentials from a
 //!   `node.toml`, for its leader, term, members, sessions, and every key's owners, fencing
 //!   tokens and queue depth; as a table, or as JSON with `--json`.
-//! - `highlander members list | add | remove | replace` shows and changes which storage of
+//! - `highlander members list | add | demote | remove | replace` shows and changes which storage of
 //!   each node votes, through the leader (a replaced machine, a removed or added node).
 //! - `highlander schedules list | show | pause | resume | trigger` shows the cluster's
 //!   schedules (owner, last and next ticks, counters, recent fires) and changes one.
@@ -55,6 +55,7 @@ Commands:
   status         ask a running node for the cluster's state (owners, tokens, queues)
   members list   the Raft members: which storage of each node votes, which only learns
   members add    make a node that joined as a learner a voter
+  members demote take a node's vote away, keeping it as a learner
   members remove remove a node from the membership (safe with it down)
   members replace  make a node's new storage the voter in place of its old one
   schedules list   every schedule: owner, last and next tick, counters
@@ -80,6 +81,7 @@ static COMMANDS: &[(&[&str], &Command, Run)] = &[
     (&["status"], &status::STATUS, status::status),
     (&["members", "list"], &members::LIST, members::list),
     (&["members", "add"], &members::ADD, members::add),
+    (&["members", "demote"], &members::DEMOTE, members::demote),
     (&["members", "remove"], &members::REMOVE, members::remove),
     (&["members", "replace"], &members::REPLACE, members::replace),
     (&["schedules", "list"], &schedules::LIST, schedules::list),

@@ -1,4 +1,4 @@
-//! `highlander members list | add | remove | replace`: the Raft membership, changed through
+//! `highlander members list | add | demote | remove | replace`: the Raft membership, changed through
 //! the leader.
 //!
 //! Each change is a logged, joint-consensus membership change the leader makes; it is safe
@@ -21,7 +21,7 @@ macro_rules! options {
 
 Options:
   --config FILE    a node.toml of the cluster (its credentials and peer list are used)
-  --node N         the node to change (add, remove, replace)
+  --node N         the node to change (add, demote, remove, replace)
   --via N          the node to ask first (default: the config's own node); the command
                    follows it to the leader
   --json           print the membership afterwards as JSON
@@ -50,6 +50,26 @@ pub static ADD: Command = Command {
 Makes node N a voter. N must be running and have joined as a learner (a node started on an
 empty data directory does so by itself). Use it to grow the voter set, or to bring back a
 node that was removed.",
+        options!()
+    ),
+    flags: &[
+        value("--config"),
+        value("--node"),
+        value("--via"),
+        switch("--json"),
+        value("--timeout-ms"),
+    ],
+};
+
+pub static DEMOTE: Command = Command {
+    name: "members demote",
+    usage: "highlander members demote --config node.toml --node N [--via N] [--json]",
+    help: concat!(
+        "\
+Takes node N's vote away and keeps it as a learner: it still replicates the log, holds its
+session, owns keys and runs jobs, but no longer counts towards a quorum. Use it to shrink the
+voter set (3 or 5 voters serve any number of nodes); `members add` gives the vote back.
+Refused if N holds the last vote.",
         options!()
     ),
     flags: &[
@@ -109,6 +129,11 @@ pub fn add(args: &Parsed) -> Result<(), CliError> {
     run(args, MembershipRequest::Add { node })
 }
 
+pub fn demote(args: &Parsed) -> Result<(), CliError> {
+    let node = target(args)?;
+    run(args, MembershipRequest::Demote { node })
+}
+
 pub fn remove(args: &Parsed) -> Result<(), CliError> {
     let node = target(args)?;
     run(args, MembershipRequest::Remove { node })
@@ -134,6 +159,7 @@ fn run(args: &Parsed, request: MembershipRequest) -> Result<(), CliError> {
     }
     if let MembershipRequest::Add { node }
     | MembershipRequest::Remove { node }
+    | MembershipRequest::Demote { node }
     | MembershipRequest::Replace { node } = &request
         && !config.peers.contains_key(node)
     {

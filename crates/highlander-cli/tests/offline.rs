@@ -252,7 +252,8 @@ fn check_config_explains_a_good_file_and_names_the_bad_field() {
         "valid",
         "n1, listens on 127.0.0.1:7101",
         "n2 at 127.0.0.1:7102",
-        "2 of 3 nodes",
+        "2 of 3 voters",
+        "voters      n1, n2, n3",
         "cluster secret",
         "session TTL 500 ms",
         "data-1",
@@ -275,12 +276,19 @@ fn check_config_explains_a_good_file_and_names_the_bad_field() {
     assert!(r.stdout.contains("PEM files") && r.stdout.contains("node-1.pem"), "{r:?}");
     assert!(r.stdout.contains("must never be restarted"), "no data_dir is flagged: {r:?}");
 
+    // Two voters: allowed, with what it costs.
+    let path = write_config(d, "two.toml", &good.replace("id = 1\n", "id = 1\nvoters = 2\n"));
+    let r = highlander(&["check-config", "--config", s(&path)]).expect(0);
+    assert!(r.stdout.contains("voters      n1, n2 ") && r.stdout.contains("1 learner"), "{r:?}");
+    assert!(r.stdout.contains("warning") && r.stdout.contains("2 voters"), "{r:?}");
+
     let secret = good.replace("data_dir = \"data-1\"\n", "");
     let bad: &[(&str, String, &str)] = &[
         ("peer key", secret.replace("2 = ", "two = "), "peers.two"),
         ("unknown field", secret.replace("id = 1\n", "id = 1\ncolour = \"red\"\n"), "colour"),
         ("syntax", secret.replace("id = 1", "id = "), "line 1"),
         ("preset", secret.replace("\"fast\"", "\"turbo\""), "timing.preset"),
+        ("voters", secret.replace("id = 1\n", "id = 1\nvoters = 4\n"), "voters"),
         (
             "secret file",
             secret.replace("cluster.secret", "missing.secret"),

@@ -8,7 +8,7 @@ use crate::{JobId, Key, NodeId, Payload, SessionId, Token};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version, carried in the transport handshake (ALPN for QUIC).
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// A request from one node to another.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,6 +244,12 @@ pub enum MembershipRequest {
         /// The node.
         node: NodeId,
     },
+    /// Takes `node`'s vote away, keeping its storage as a learner (it still replicates the
+    /// log, holds its session and owns keys).
+    Demote {
+        /// The node.
+        node: NodeId,
+    },
 }
 
 /// The Raft membership as the leader reports it.
@@ -298,6 +304,8 @@ pub enum RaftMessage {
     Vote(Payload),
     /// One chunk of a snapshot the leader is sending (the runtime defines its contents).
     Snapshot(Payload),
+    /// A pre-vote: would the receiver vote for this candidate now? Changes no term.
+    PreVote(Payload),
 }
 
 /// The answer to a [`Request`].

@@ -145,6 +145,13 @@ pub enum Event {
         /// The fire it belongs to.
         run: u64,
     },
+    /// A node began leading Raft term `term`.
+    LeaderElected {
+        /// The new leader.
+        node: NodeId,
+        /// Its term.
+        term: u64,
+    },
 }
 
 /// Which promise a [`Violation`] breaks.
@@ -272,6 +279,8 @@ pub struct InvariantChecker {
     events: usize,
     /// The latest instant recorded; end-of-run reports carry it.
     now: Duration,
+    /// Every election won, in the order seen: (instant, leader, term).
+    elections: Vec<(Duration, NodeId, u64)>,
 }
 
 impl InvariantChecker {
@@ -350,6 +359,10 @@ impl InvariantChecker {
                 let state = self.keys.entry(key.clone()).or_default();
                 state.delivered(&ctx, node, token, seq, payload)
             }
+            Event::LeaderElected { node, term } => {
+                self.elections.push((at, node, term));
+                Vec::new()
+            }
         };
         let first = found.first().cloned();
         self.violations.extend(found);
@@ -357,6 +370,13 @@ impl InvariantChecker {
             Some(violation) => Err(violation),
             None => Ok(()),
         }
+    }
+
+    /// Every election won so far, in the order seen: (instant, leader, term). Raft's election
+    /// safety (one leader per term) and a harness's rules about when terms may rise are
+    /// checked on it.
+    pub fn elections(&self) -> &[(Duration, NodeId, u64)] {
+        &self.elections
     }
 
     /// End-of-run check, after faults stopped and the cluster settled: every Sent message was

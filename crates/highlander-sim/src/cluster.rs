@@ -31,6 +31,7 @@ pub struct SimClusterBuilder {
     clock_rates: BTreeMap<NodeId, f64>,
     epoch_ms: u64,
     wall_offsets: BTreeMap<NodeId, i64>,
+    voters: Option<usize>,
 }
 
 /// 2026-01-01T00:00:00Z: where simulated wall clocks start unless told otherwise.
@@ -48,6 +49,7 @@ impl Default for SimClusterBuilder {
             clock_rates: BTreeMap::new(),
             epoch_ms: DEFAULT_EPOCH_MS,
             wall_offsets: BTreeMap::new(),
+            voters: None,
         }
     }
 }
@@ -63,6 +65,13 @@ impl SimClusterBuilder {
     /// delays and duplicates for the same sequence of calls.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
+        self
+    }
+
+    /// How many nodes vote: the first `n` ids (default: every node up to 5); the others are
+    /// learners (see `NodeBuilder::voters`).
+    pub fn voters(mut self, n: usize) -> Self {
+        self.voters = Some(n);
         self
     }
 
@@ -154,6 +163,7 @@ impl SimClusterBuilder {
             clock_rates: self.clock_rates,
             zombies: Vec::new(),
             wipes: BTreeMap::new(),
+            voters: self.voters,
         };
         for id in cluster.peers.clone() {
             let disk = cluster.blank_disk(id);
@@ -215,6 +225,7 @@ pub struct SimCluster {
     epoch_ms: u64,
     /// How far each node's wall clock is ahead of the true time of day.
     wall_offsets: BTreeMap<NodeId, Arc<AtomicI64>>,
+    voters: Option<usize>,
 }
 
 impl SimCluster {
@@ -412,7 +423,11 @@ impl SimCluster {
         };
         let transport = self.net.transport(id);
         self.net.set_down(id, false);
-        let node = Node::builder()
+        let mut builder = Node::builder();
+        if let Some(n) = self.voters {
+            builder = builder.voters(n);
+        }
+        let node = builder
             .id(id)
             .peers(self.peers.clone())
             .transport(transport)
@@ -681,6 +696,10 @@ impl Observer for CheckerObserver {
 
     fn job_stopped(&self, node: NodeId, queue: &Key, job: JobId, token: Token) {
         self.record(Event::JobStopped { node, queue: queue.clone(), job, token });
+    }
+
+    fn leader_elected(&self, node: NodeId, term: u64) {
+        self.record(Event::LeaderElected { node, term });
     }
 
     fn task_stopped(&self, node: NodeId, key: &Key, slot: u32, token: Token) {

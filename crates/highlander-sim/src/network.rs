@@ -228,6 +228,17 @@ impl SimNetwork {
         self.set_all_links(LinkFaults::default());
     }
 
+    /// Whether a message sent now from `from` to `to` is sure to arrive: neither end is down,
+    /// the link is not cut, and it drops nothing (it may still be delayed or duplicated).
+    pub fn delivers(&self, from: NodeId, to: NodeId) -> bool {
+        let inner = self.lock();
+        let link = inner.links.get(&(from, to)).unwrap_or(&inner.default_link);
+        !inner.down.contains(&from)
+            && !inner.down.contains(&to)
+            && !inner.cuts.contains(&(from, to))
+            && link.drop <= 0.0
+    }
+
     /// What the network has done so far.
     pub fn stats(&self) -> NetStats {
         self.lock().stats

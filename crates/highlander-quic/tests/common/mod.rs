@@ -31,6 +31,7 @@ impl RequestHandler for Echo {
         let kind = match &request {
             Request::Raft { message: RaftMessage::AppendEntries(_), .. } => "append",
             Request::Raft { message: RaftMessage::Vote(_), .. } => "vote",
+            Request::Raft { message: RaftMessage::PreVote(_), .. } => "prevote",
             Request::Raft { message: RaftMessage::Snapshot(_), .. } => "snapshot",
             Request::Write(_) => "write",
             Request::KeepAlive { .. } => "keepalive",
@@ -46,7 +47,8 @@ impl RequestHandler for Echo {
         Box::pin(async move {
             match request {
                 Request::Raft {
-                    message: RaftMessage::AppendEntries(p) | RaftMessage::Vote(p),
+                    message:
+                        RaftMessage::AppendEntries(p) | RaftMessage::Vote(p) | RaftMessage::PreVote(p),
                     ..
                 } => Response::Raft(p),
                 Request::Raft { message: RaftMessage::Snapshot(p), .. } => {
