@@ -129,7 +129,7 @@ impl Timing {
     /// The longest a leader change is expected to take without split votes: a follower waits
     /// out Raft's leader lease (`election_max`) and its own election timeout (at most
     /// `election_max`) and the ticker may add a heartbeat and a half; one more heartbeat
-    /// covers the vote and the new leader's first commit.
+    /// covers the pre-vote and vote round trips and the new leader's first commit.
     pub fn election_bound(&self) -> Duration {
         self.election_max * 2 + self.heartbeat * 2 + self.heartbeat / 2
     }

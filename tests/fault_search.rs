@@ -161,11 +161,13 @@ struct Disturbances(Vec<(Duration, std::collections::BTreeSet<u64>)>);
 
 impl Disturbances {
     fn record(&mut self, sim: &SimCluster, nodes: u64, began: Duration, step: Option<&Step>) {
-        let quorum = nodes / 2 + 1;
+        // The voters are the first ids; only they elect.
+        let voters = sim.voters().unwrap_or(nodes as usize) as u64;
+        let quorum = voters / 2 + 1;
         let mut set: std::collections::BTreeSet<u64> =
             step.and_then(Step::acts_on).into_iter().collect();
         for l in 1..=nodes {
-            let unheard = (1..=nodes)
+            let unheard = (1..=voters)
                 .filter(|m| *m != l)
                 .filter(|m| !sim.network().delivers(highlander::NodeId(l), highlander::NodeId(*m)))
                 .count() as u64;
@@ -218,6 +220,9 @@ fn key_name(i: usize) -> &'static str {
 #[derive(Debug, PartialEq)]
 struct Schedule {
     nodes: u64,
+    /// How many of them vote (the first ids); the others are learners. Half the five-node
+    /// seeds run three voters and two learners.
+    voters: u64,
     /// Each node's clock rate, in parts per million off 1.0: within ±0.8 %, so two clocks
     /// drift apart by at most 1.6 % of a TTL, below the 2.5 % lease margin.
     clock_ppm: Vec<i64>,
@@ -283,7 +288,8 @@ impl Schedule {
             // Time passes between faults, sometimes more than a session TTL.
             steps.push(Step::Wait(50 + rng.below(2500)));
         }
-        Schedule { nodes, clock_ppm, steps }
+        let voters = if nodes == 5 && seed % 2 == 1 { 3 } else { nodes };
+        Schedule { nodes, voters, clock_ppm, steps }
     }
 
     fn clock_rate(&self, node: u64) -> f64 {
@@ -295,7 +301,13 @@ impl fmt::Display for Schedule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let rates: Vec<String> =
             (1..=self.nodes).map(|n| format!("n{n} {:.4}", self.clock_rate(n))).collect();
-        writeln!(f, "{} nodes, clock rates {}", self.nodes, rates.join(", "))?;
+        writeln!(
+            f,
+            "{} nodes ({} voters), clock rates {}",
+            self.nodes,
+            self.voters,
+            rates.join(", ")
+        )?;
         for s in &self.steps {
             writeln!(f, "  {s}")?;
         }
@@ -308,7 +320,8 @@ async fn run_seed(seed: u64) -> Result<String, String> {
     let schedule = Schedule::of(seed);
     let journal = Journal::default();
     let j = journal.clone();
-    let mut builder = SimCluster::builder().nodes(schedule.nodes).seed(seed);
+    let mut builder =
+        SimCluster::builder().nodes(schedule.nodes).voters(schedule.voters as usize).seed(seed);
     for n in 1..=schedule.nodes {
         builder = builder.clock_rate(n, schedule.clock_rate(n));
     }
@@ -362,7 +375,7 @@ async fn run_seed(seed: u64) -> Result<String, String> {
     let mut acknowledged = 0u64;
     let mut jobs = 0u64;
     let mut producers = tokio::task::JoinSet::new();
-    let mut disks = Disks::default();
+    let mut disks = Disks { voters: schedule.voters, ..Disks::default() };
     let trace = std::env::var("HIGHLANDER_SIM_TRACE").is_ok();
     let mut disturbances = Disturbances::default();
     disturbances.record(&sim, schedule.nodes, sim.now(), None);
@@ -544,11 +557,13 @@ async fn run_seed(seed: u64) -> Result<String, String> {
     let bound = Timing::default().session_ttl * 3 + Duration::from_secs(10);
     let voting = sim
         .wait_until(bound * 2, |s| {
-            s.ids().iter().all(|id| s.try_node(*id).is_some_and(|n| n.status().voting))
+            s.ids()
+                .iter()
+                .all(|id| s.try_node(*id).is_some_and(|n| settled(n, id.0 <= schedule.voters)))
         })
         .await;
     if voting.is_none() {
-        for id in disks.readd.clone() {
+        for id in disks.readd.iter().copied().filter(|id| *id <= schedule.voters) {
             if let Some(n) = sim.try_node(id).cloned() {
                 let _ = tokio::time::timeout(Duration::from_secs(10), n.add_member(id)).await;
             }
@@ -556,7 +571,9 @@ async fn run_seed(seed: u64) -> Result<String, String> {
     }
     let voting = sim
         .wait_until(bound * 2, |s| {
-            s.ids().iter().all(|id| s.try_node(*id).is_some_and(|n| n.status().voting))
+            s.ids()
+                .iter()
+                .all(|id| s.try_node(*id).is_some_and(|n| settled(n, id.0 <= schedule.voters)))
         })
         .await;
     if voting.is_none() {
@@ -690,6 +707,8 @@ async fn run_seed(seed: u64) -> Result<String, String> {
 /// the first one's replacement votes (a majority of lost disks is a lost cluster, by design).
 #[derive(Default)]
 struct Disks {
+    /// The nodes that vote when all is settled (the first ids).
+    voters: u64,
     pending: std::collections::BTreeSet<u64>,
     /// Nodes removed and brought back: the liveness phase adds them if the step could not.
     readd: std::collections::BTreeSet<u64>,
@@ -699,7 +718,8 @@ struct Disks {
 
 impl Disks {
     fn may_lose_one(&mut self, sim: &SimCluster) -> bool {
-        self.pending.retain(|n| !sim.try_node(*n).is_some_and(|node| node.status().voting));
+        let voters = self.voters;
+        self.pending.retain(|n| !sim.try_node(*n).is_some_and(|node| settled(node, *n <= voters)));
         self.pending.is_empty()
     }
 
@@ -711,6 +731,13 @@ impl Disks {
         self.pending.insert(node);
         self.readd.insert(node);
     }
+}
+
+/// Whether a node's current storage is back in its role: voting if it is a voter, a member
+/// (joined, replicating) if it is a learner.
+fn settled(node: &highlander::Node, voter: bool) -> bool {
+    let st = node.status();
+    st.voting == voter && st.phase == Some(highlander::core::wire::Phase::Member)
 }
 
 fn run_one(seed: u64) -> Result<String, String> {

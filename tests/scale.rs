@@ -5,8 +5,9 @@
 mod common;
 
 use common::{Journal, init_tracing};
-use highlander::{NodeId, Timing};
+use highlander::{NodeId, Timing, Token};
 use highlander_sim::SimCluster;
+use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -36,11 +37,26 @@ fn names(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()
 }
 
-/// Waits until every key has a running owner.
+/// Slot 0's owner of every key, from one status report (asking per key would cost a report
+/// per key).
+fn owners(sim: &SimCluster) -> BTreeMap<String, (NodeId, Token)> {
+    let Some(status) = sim.status() else { return BTreeMap::new() };
+    status
+        .keys
+        .iter()
+        .filter_map(|k| {
+            let o = k.owners.first().copied().flatten()?;
+            Some((k.key.to_string(), (o.node, o.token)))
+        })
+        .collect()
+}
+
+/// Waits until every key has an owner.
 async fn all_owned(sim: &SimCluster, keys: &[String], within: Duration) -> Duration {
     let began = Instant::now();
     sim.wait_until(within, |s| {
-        keys.iter().all(|k| s.owners(k).first().copied().flatten().is_some())
+        let owned = owners(s);
+        keys.iter().all(|k| owned.contains_key(k))
     })
     .await
     .unwrap_or_else(|| panic!("not every key is owned within {within:?}"));
@@ -62,16 +78,19 @@ async fn learners_own_keys_and_fail_over_within_the_voters_bounds() {
     for id in sim.ids() {
         assert_eq!(sim.node(id).status().voting, id.0 <= 3, "{id} voting");
     }
-    let owners: std::collections::BTreeSet<NodeId> =
-        keys.iter().filter_map(|k| sim.owners(k)[0].map(|(n, _)| n)).collect();
-    assert!(owners.iter().any(|n| n.0 > 3), "no learner owns a key: {owners:?}");
+    let owned = owners(&sim);
+    let owner_nodes: std::collections::BTreeSet<NodeId> =
+        keys.iter().filter_map(|k| owned.get(k.as_str()).copied().map(|(n, _)| n)).collect();
+    assert!(owner_nodes.iter().any(|n| n.0 > 3), "no learner owns a key: {owner_nodes:?}");
 
     // A learner that crashes: its keys run elsewhere within TTL + margin + 100 ms.
     let timing = Timing::default();
     let bound = timing.session_ttl + timing.lease_margin + Duration::from_millis(100);
-    let victim = *owners.iter().next_back().unwrap();
-    let theirs: Vec<&String> =
-        keys.iter().filter(|k| sim.owners(k)[0].is_some_and(|(n, _)| n == victim)).collect();
+    let victim = *owner_nodes.iter().next_back().unwrap();
+    let theirs: Vec<&String> = keys
+        .iter()
+        .filter(|k| owned.get(k.as_str()).copied().is_some_and(|(n, _)| n == victim))
+        .collect();
     let killed = Instant::now();
     sim.kill(victim).await;
     sim.wait_until(bound * 2, |_| {
@@ -104,9 +123,12 @@ async fn learners_own_keys_and_fail_over_within_the_voters_bounds() {
     // A learner that shuts down hands over at once.
     sim.restart(victim).await.unwrap();
     sim.run_for(Duration::from_secs(3)).await;
-    let owners: Vec<(String, NodeId)> =
-        keys.iter().filter_map(|k| sim.owners(k)[0].map(|(n, _)| (k.clone(), n))).collect();
-    let (key, learner) = owners.iter().find(|(_, n)| n.0 > 3).cloned().expect("a learner owns one");
+    let owned = owners(&sim);
+    let pairs: Vec<(String, NodeId)> = keys
+        .iter()
+        .filter_map(|k| owned.get(k.as_str()).copied().map(|(n, _)| (k.clone(), n)))
+        .collect();
+    let (key, learner) = pairs.iter().find(|(_, n)| n.0 > 3).cloned().expect("a learner owns one");
     let began = Instant::now();
     sim.shutdown(learner).await;
     sim.wait_until(Duration::from_secs(5), |_| {
@@ -123,12 +145,20 @@ async fn learners_own_keys_and_fail_over_within_the_voters_bounds() {
     sim.restart(learner).await.unwrap();
     sim.run_for(Duration::from_secs(3)).await;
     let leader = sim.status().unwrap().leader.unwrap();
-    let before: Vec<_> =
-        keys.iter().map(|k| sim.owners(k)[0]).filter(|o| o.is_some_and(|(n, _)| n.0 > 3)).collect();
+    let owned = owners(&sim);
+    let before: Vec<_> = keys
+        .iter()
+        .map(|k| owned.get(k.as_str()).copied())
+        .filter(|o| o.is_some_and(|(n, _)| n.0 > 3))
+        .collect();
     sim.kill(leader).await;
     sim.run_for(timing.session_ttl * 2).await;
-    let after: Vec<_> =
-        keys.iter().map(|k| sim.owners(k)[0]).filter(|o| o.is_some_and(|(n, _)| n.0 > 3)).collect();
+    let owned = owners(&sim);
+    let after: Vec<_> = keys
+        .iter()
+        .map(|k| owned.get(k.as_str()).copied())
+        .filter(|o| o.is_some_and(|(n, _)| n.0 > 3))
+        .collect();
     assert!(
         before.iter().all(|o| after.contains(o)),
         "a learner's key moved: {before:?} -> {after:?}"
@@ -217,9 +247,10 @@ async fn fifty_nodes_five_voters_keep_their_invariants_under_faults() {
     let timing = Timing::default();
     let bound = timing.session_ttl + timing.lease_margin + Duration::from_millis(100);
     let mut victims: Vec<NodeId> = Vec::new();
+    let owned = owners(&sim);
     for k in &keys {
         // Three apart, so that every key keeps a live node to run on.
-        if let Some((n, _)) = sim.owners(k)[0]
+        if let Some((n, _)) = owned.get(k.as_str()).copied()
             && n.0 > 5
             && victims.iter().all(|v| v.0.abs_diff(n.0) >= 3)
         {
@@ -231,7 +262,7 @@ async fn fifty_nodes_five_voters_keep_their_invariants_under_faults() {
     }
     let theirs: Vec<&String> = keys
         .iter()
-        .filter(|k| sim.owners(k)[0].is_some_and(|(n, _)| victims.contains(&n)))
+        .filter(|k| owned.get(k.as_str()).copied().is_some_and(|(n, _)| victims.contains(&n)))
         .collect();
     let killed = Instant::now();
     for v in &victims {

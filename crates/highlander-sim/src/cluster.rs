@@ -234,6 +234,11 @@ impl SimCluster {
         SimClusterBuilder::default()
     }
 
+    /// How many nodes vote when the cluster forms, if set (see [`SimClusterBuilder::voters`]).
+    pub fn voters(&self) -> Option<usize> {
+        self.voters
+    }
+
     /// The seed the cluster was built with.
     pub fn seed(&self) -> u64 {
         self.seed
