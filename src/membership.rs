@@ -23,6 +23,7 @@
 
 use crate::error::Error;
 use crate::node::Shared;
+use crate::raft::Leavers;
 use crate::raft::store::{IdentityKeeper, Log, StateMachine};
 use highlander_core::NodeId;
 use highlander_core::wire::{
@@ -422,7 +423,7 @@ async fn replace(shared: &Shared, node: NodeId) -> Result<(), MembershipRefusal>
     let mut voters: BTreeSet<u64> =
         report.members.iter().filter(|m| m.voter && m.node != node).map(|m| m.member).collect();
     voters.insert(learner.member);
-    shared.raft.set_voters(voters, shared.timing.write_timeout).await
+    shared.raft.set_voters(voters, Leavers::Removed, shared.timing.write_timeout).await
 }
 
 /// Serves a membership request from `from`: on the leader only.
@@ -471,7 +472,7 @@ pub(crate) async fn serve(
             let mut voters: BTreeSet<u64> =
                 report.members.iter().filter(|m| m.voter).map(|m| m.member).collect();
             voters.insert(learner.member);
-            shared.raft.set_voters(voters, timeout).await?;
+            shared.raft.set_voters(voters, Leavers::Removed, timeout).await?;
         }
         MembershipRequest::Remove { node } => {
             let report = shared.raft.membership_report();
@@ -480,20 +481,9 @@ pub(crate) async fn serve(
             if of_node.is_empty() {
                 return Err(MembershipRefusal::Invalid(format!("node {} is not a member", node.0)));
             }
-            let voters: BTreeSet<u64> = report
-                .members
-                .iter()
-                .filter(|m| m.voter && !of_node.contains(&m.member))
-                .map(|m| m.member)
-                .collect();
-            if voters.is_empty() {
-                return Err(MembershipRefusal::Invalid(format!(
-                    "node {} holds the last vote; add another voter first",
-                    node.0
-                )));
-            }
+            let voters = voters_without(&report, node)?;
             if report.members.iter().any(|m| m.voter && of_node.contains(&m.member)) {
-                shared.raft.set_voters(voters, timeout).await?;
+                shared.raft.set_voters(voters, Leavers::Removed, timeout).await?;
             }
             let left: BTreeSet<u64> = shared
                 .raft
@@ -509,35 +499,34 @@ pub(crate) async fn serve(
         }
         MembershipRequest::Demote { node } => {
             let report = shared.raft.membership_report();
-            let of_node: BTreeSet<u64> = report
-                .members
-                .iter()
-                .filter(|m| m.node == node && m.voter)
-                .map(|m| m.member)
-                .collect();
-            if of_node.is_empty() {
+            if !report.members.iter().any(|m| m.node == node && m.voter) {
                 return Err(MembershipRefusal::Invalid(format!(
                     "node {} does not vote; nothing to demote",
                     node.0
                 )));
             }
-            let voters: BTreeSet<u64> = report
-                .members
-                .iter()
-                .filter(|m| m.voter && !of_node.contains(&m.member))
-                .map(|m| m.member)
-                .collect();
-            if voters.is_empty() {
-                return Err(MembershipRefusal::Invalid(format!(
-                    "node {} holds the last vote; add another voter first",
-                    node.0
-                )));
-            }
-            shared.raft.demote_to(voters, timeout).await?;
+            let voters = voters_without(&report, node)?;
+            shared.raft.set_voters(voters, Leavers::Learners, timeout).await?;
         }
         MembershipRequest::Replace { node } => replace(shared, node).await?,
     }
     Ok(shared.raft.membership_report())
+}
+
+/// The voters once every storage of `node` has left the voter set; refused if none is left.
+fn voters_without(
+    report: &MembershipReport,
+    node: NodeId,
+) -> Result<BTreeSet<u64>, MembershipRefusal> {
+    let voters: BTreeSet<u64> =
+        report.members.iter().filter(|m| m.voter && m.node != node).map(|m| m.member).collect();
+    if voters.is_empty() {
+        return Err(MembershipRefusal::Invalid(format!(
+            "node {} holds the last vote; add another voter first",
+            node.0
+        )));
+    }
+    Ok(voters)
 }
 
 /// Redirects followed in a row before pausing and asking afresh.

@@ -65,6 +65,15 @@ pub(crate) type LogId = openraft::LogId<u64>;
 type Raft = openraft::Raft<TypeConfig>;
 pub(crate) type ServerMetrics = RaftServerMetrics<u64, Member>;
 
+/// What becomes of the voters a voter change leaves out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Leavers {
+    /// They leave the membership (their storage is gone, or the node is being removed).
+    Removed,
+    /// They stay as learners (a demotion).
+    Learners,
+}
+
 /// Why a write on this node's Raft did not produce outcomes.
 #[derive(Debug)]
 pub(crate) enum LocalWriteError {
@@ -634,33 +643,22 @@ impl RaftNode {
         Ok(())
     }
 
-    /// Makes the voters exactly `voters` (members already in the membership), dropping the
-    /// members that leave entirely. Joint consensus: safe with any minority of nodes down.
+    /// Makes the voters exactly `voters` (members already in the membership); the voters
+    /// that leave are removed or stay as learners, as `leavers` says. Joint consensus: safe
+    /// with any minority of nodes down.
     pub(crate) async fn set_voters(
         &self,
         voters: BTreeSet<u64>,
+        leavers: Leavers,
         timeout: Duration,
     ) -> Result<(), MembershipRefusal> {
         let raft = self.leading_raft()?;
         if voters.is_empty() {
             return Err(MembershipRefusal::Invalid("a cluster needs at least one voter".into()));
         }
+        let retain = leavers == Leavers::Learners;
         changing(timeout, || {
-            raft.change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), false)
-        })
-        .await
-    }
-
-    /// Makes the voters exactly `voters`, keeping the voters that leave as learners (they
-    /// go on replicating the log, holding sessions and owning keys). Joint consensus.
-    pub(crate) async fn demote_to(
-        &self,
-        voters: BTreeSet<u64>,
-        timeout: Duration,
-    ) -> Result<(), MembershipRefusal> {
-        let raft = self.leading_raft()?;
-        changing(timeout, || {
-            raft.change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), true)
+            raft.change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), retain)
         })
         .await
     }
