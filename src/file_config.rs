@@ -156,14 +156,9 @@ impl NodeConfig {
         let identity = identity(&root.tls, base)?;
         let timing = timing(&root.timing)?;
         let data_dir = root.data_dir.map(|d| resolve(base, &d));
-        if let Some(n) = root.voters
-            && (n == 0 || n > peers.len())
-        {
-            return Err(field(
-                "voters",
-                format!("{n} is out of range: use 1 to {} (the number of peers)", peers.len()),
-            ));
-        }
+        let ids = peers.keys().copied().collect();
+        crate::config::initial_voters(&ids, root.voters)
+            .map_err(|e| field("voters", e.to_string()))?;
         Ok(NodeConfig {
             id,
             listen: root.listen,
@@ -178,8 +173,14 @@ impl NodeConfig {
     /// What this configuration costs that the user may not expect (an even or tiny voter
     /// set), one sentence each; empty when nothing is worth saying.
     pub fn warnings(&self) -> Vec<String> {
-        let n = self.voters.unwrap_or(self.peers.len().min(crate::config::DEFAULT_MAX_VOTERS));
-        crate::config::voters_warning(n).into_iter().collect()
+        crate::config::voters_warning(self.initial_voters().len()).into_iter().collect()
+    }
+
+    /// The peers that vote when the cluster forms (the others join as learners).
+    pub fn initial_voters(&self) -> Vec<NodeId> {
+        let ids = self.peers.keys().copied().collect();
+        // Checked when the file was read; a hand-built config out of range gets none.
+        crate::config::initial_voters(&ids, self.voters).map(Vec::from_iter).unwrap_or_default()
     }
 
     /// The QUIC transport's configuration.

@@ -81,7 +81,11 @@ fn initial_phase(node: u64, identity: Option<Identity>, blank: bool) -> Phase {
 /// Answers a peer's [`Request::Hello`].
 pub(crate) fn hello(shared: &Shared) -> HelloReply {
     let phase = if shared.raft.knows_a_cluster() { Phase::Member } else { shared.boot.phase() };
-    HelloReply { phase, member: shared.raft.member() }
+    HelloReply {
+        phase,
+        member: shared.raft.member(),
+        voters: shared.voters.iter().copied().collect(),
+    }
 }
 
 /// Decides the storage's member id, starts Raft as that member, forms or joins the cluster,
@@ -270,11 +274,20 @@ async fn pause(shared: &Shared, d: Duration) {
 /// quorum, keeps a slower peer from finding the cluster formed before it decided: it would
 /// join as new storage and leave its first member id a voter that nobody runs.
 async fn bootstrap(shared: &Shared, peers: &BTreeSet<NodeId>) {
+    let mut warned = false;
     loop {
         if shared.is_stopping() || shared.raft.knows_a_cluster() {
             break;
         }
         let answers = ask_all(shared, peers).await;
+        if let Some(why) = voters_disagree(&shared.voters, &answers) {
+            if !warned {
+                warn!(node = %shared.id, "not forming the cluster: {why}");
+                warned = true;
+            }
+            pause(shared, shared.timing.heartbeat * 4).await;
+            continue;
+        }
         let ready = 1 + answers
             .values()
             .flatten()
@@ -292,6 +305,26 @@ async fn bootstrap(shared: &Shared, peers: &BTreeSet<NodeId>) {
         pause(shared, shared.timing.heartbeat * 4).await;
     }
     shared.boot.set(Phase::Member);
+}
+
+/// Why the peers that answered and this node must not form a cluster together: one of them
+/// is configured with other voters (a different `voters` or peer list), so each would
+/// initialize a different membership at the same log position.
+fn voters_disagree(
+    ours: &BTreeSet<NodeId>,
+    answers: &BTreeMap<NodeId, Option<HelloReply>>,
+) -> Option<String> {
+    let ours: Vec<NodeId> = ours.iter().copied().collect();
+    answers.iter().find_map(|(peer, answer)| {
+        let theirs = &answer.as_ref()?.voters;
+        (*theirs != ours).then(|| {
+            format!(
+                "node {} is configured with voters {theirs:?}, this node with {ours:?}; give \
+                 every node the same peer list and `voters`",
+                peer.0
+            )
+        })
+    })
 }
 
 /// Asks the leader to add this storage as a learner until the membership this node has
@@ -607,6 +640,23 @@ mod tests {
             matched: Some(matched),
             answered_ms_ago: ago,
         }
+    }
+
+    #[test]
+    fn nodes_configured_with_other_voters_do_not_form_a_cluster() {
+        let ours: BTreeSet<NodeId> = [1, 2, 3].map(NodeId).into();
+        let reply = |voters: &[u64]| {
+            Some(HelloReply {
+                phase: Phase::Bootstrapping,
+                member: None,
+                voters: voters.iter().copied().map(NodeId).collect(),
+            })
+        };
+        let mut answers = BTreeMap::from([(NodeId(2), reply(&[1, 2, 3])), (NodeId(3), None)]);
+        assert_eq!(voters_disagree(&ours, &answers), None);
+        answers.insert(NodeId(4), reply(&[1, 2, 3, 4, 5]));
+        let why = voters_disagree(&ours, &answers).expect("a disagreement");
+        assert!(why.contains("node 4") && why.contains("voters"), "{why}");
     }
 
     #[test]

@@ -36,8 +36,8 @@ pub fn check_config(args: &Parsed) -> Result<(), CliError> {
         let own = if *id == config.id { " (this node)" } else { "" };
         line(if i == 0 { "peers" } else { "" }, format!("{id} at {addr}{own}"));
     }
-    let n = config.voters.unwrap_or(config.peers.len().min(highlander::DEFAULT_MAX_VOTERS));
-    let voters: Vec<String> = config.peers.keys().take(n).map(|id| id.to_string()).collect();
+    let voters: Vec<String> = config.initial_voters().iter().map(|id| id.to_string()).collect();
+    let n = voters.len();
     let learners = config.peers.len() - n;
     line(
         "voters",

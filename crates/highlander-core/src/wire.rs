@@ -210,12 +210,15 @@ pub enum Phase {
 }
 
 /// The answer to [`Request::Hello`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HelloReply {
     /// Where the node's storage stands.
     pub phase: Phase,
     /// Its Raft member id, once decided.
     pub member: Option<u64>,
+    /// The peers its configuration says vote when the cluster forms: nodes that disagree
+    /// must not form a cluster together (each would initialize a different membership).
+    pub voters: Vec<NodeId>,
 }
 
 /// A change to (or a look at) the Raft membership, served by the leader.

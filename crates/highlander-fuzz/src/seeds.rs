@@ -104,7 +104,11 @@ fn responses() -> Vec<Response> {
         ])),
         Response::Write(Err(WriteRefusal::NotLeader { leader: Some(NodeId(1)) })),
         Response::WrongMember { current: Some(9) },
-        Response::Hello(HelloReply { phase: Phase::Bootstrapping, member: Some(1) }),
+        Response::Hello(HelloReply {
+            phase: Phase::Bootstrapping,
+            member: Some(1),
+            voters: vec![NodeId(1), NodeId(2), NodeId(3)],
+        }),
         Response::Membership(Ok(MembershipReport::default())),
         Response::Schedule(Ok(vec![1, 2])),
         Response::Schedule(Err("not a schedule".into())),
