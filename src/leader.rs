@@ -9,7 +9,9 @@
 use crate::node::Shared;
 use crate::raft::ConfirmError;
 use highlander_core::wire::KeepAliveReply;
-use highlander_core::{Command, LeaseTable, Millis, NodeId, Outcome, SessionId, plan};
+use highlander_core::{
+    Command, LeaseTable, Millis, NodeId, Outcome, SessionId, plan_with, spread_settled,
+};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -178,6 +180,10 @@ pub(crate) async fn duties_loop(shared: Arc<Shared>) {
     // The earliest instant a session could expire: woken then, not on the next tick, so a
     // crashed owner's keys move as soon as its session may safely be expired.
     let mut next_expiry: Option<tokio::time::Instant> = None;
+    // Spreading the load may look at every owned slot, so it runs at most once a heartbeat,
+    // not on every applied entry, and backs off (to 1 s) while it finds nothing to move; a
+    // new or ended session starts it again at once.
+    let mut spread = SpreadPacing::new(shared.timing.heartbeat);
     loop {
         let expiry = async {
             match next_expiry {
@@ -217,7 +223,15 @@ pub(crate) async fn duties_loop(shared: Arc<Shared>) {
             let now = shared.now_millis();
             let state = shared.applied.read();
             table.observe(&state.state, now);
-            let commands = plan(&state.state, table, now);
+            let instant = tokio::time::Instant::now();
+            // A young leadership moves nothing; that is not a fruitless try.
+            let try_spread = spread.due(instant, state.state.sessions.len())
+                && spread_settled(&state.state, table, now);
+            let commands = plan_with(&state.state, table, now, try_spread);
+            if try_spread {
+                let moved = commands.iter().any(|c| matches!(c, Command::RequestMove { .. }));
+                spread.tried(instant, moved || !commands.is_empty());
+            }
             next_expiry = table
                 .next_expiry(&state.state)
                 .map(|at| shared.origin() + std::time::Duration::from_millis(at.0));
@@ -264,6 +278,45 @@ pub(crate) async fn duties_loop(shared: Arc<Shared>) {
             }
             Err(e) => warn!(node = %shared.id, error = ?e, "plan write failed"),
         }
+    }
+}
+
+/// When the leader next tries to spread the load.
+struct SpreadPacing {
+    heartbeat: std::time::Duration,
+    next: tokio::time::Instant,
+    backoff: std::time::Duration,
+    sessions: usize,
+}
+
+impl SpreadPacing {
+    const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn new(heartbeat: std::time::Duration) -> SpreadPacing {
+        SpreadPacing {
+            heartbeat,
+            next: tokio::time::Instant::now(),
+            backoff: heartbeat,
+            sessions: 0,
+        }
+    }
+
+    /// Whether to try now, with `sessions` live sessions.
+    fn due(&mut self, now: tokio::time::Instant, sessions: usize) -> bool {
+        if sessions != self.sessions {
+            self.sessions = sessions;
+            self.backoff = self.heartbeat;
+            self.next = now;
+        }
+        now >= self.next
+    }
+
+    /// A try happened; `busy` if the plan had something to do (moves, or other commands
+    /// that kept it from looking).
+    fn tried(&mut self, now: tokio::time::Instant, busy: bool) {
+        self.backoff =
+            if busy { self.heartbeat } else { (self.backoff * 2).min(Self::MAX_BACKOFF) };
+        self.next = now + self.backoff;
     }
 }
 

@@ -37,7 +37,9 @@ pub use key::{IntoKey, Key, KeyError, MAX_KEY_BYTES};
 pub use lease::LeaseTable;
 pub use limits::{Limits, LimitsError, MAX_PAYLOAD_LIMIT};
 pub use payload::Payload;
-pub use plan::{MAX_ASSIGNS_PER_PLAN, plan, rendezvous};
+pub use plan::{
+    MAX_ASSIGNS_PER_PLAN, MAX_MOVES_PER_PLAN, plan, plan_with, rendezvous, spread_settled,
+};
 pub use schedule::{
     CatchUp, CatchUpPlan, Delivery, Overlap, ScheduleAction, ScheduleError, ScheduleSpec,
     TickOrigin, TickResult, Ticks, Trigger, tzdb_version,

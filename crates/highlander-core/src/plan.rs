@@ -20,12 +20,26 @@ pub const MAX_ASSIGNS_PER_PLAN: usize = 512;
 ///    one slot more), ties broken by a rendezvous hash of key and node so that keys spread
 ///    and a restarted node is preferred for the same keys;
 ///
-/// 3. when there is nothing else to do, at most one `RequestMove` to even out the load (see
-///    `spread`): an owned slot moves only through its owner's own release.
+/// 3. when there is nothing else to do, `RequestMove`s that even out the load (see `spread`):
+///    an owned slot moves only through its owner's own release.
 ///
 /// The result is idempotent: proposing it twice is harmless, because the state machine
 /// refuses what has become stale.
+///
+/// Steps 1 and 2 cost the sessions and the vacant slots, not the keys; step 3 may look at
+/// every owned slot when the load is uneven, so a leader runs it less often
+/// ([`plan_with`]).
 pub fn plan(state: &ClusterState, table: &LeaseTable, now: Millis) -> Vec<Command> {
+    plan_with(state, table, now, true)
+}
+
+/// [`plan`], with step 3 (spreading the load) only if `spread` is set.
+pub fn plan_with(
+    state: &ClusterState,
+    table: &LeaseTable,
+    now: Millis,
+    spread: bool,
+) -> Vec<Command> {
     let term = table.term();
     let mut commands = Vec::new();
     let mut gone = BTreeSet::new();
@@ -53,11 +67,16 @@ pub fn plan(state: &ClusterState, table: &LeaseTable, now: Millis) -> Vec<Comman
     let mut assigns = 0;
     // The slots of sessions expired in this plan are vacant once their expiry applies, which
     // comes first in the same entry: they are filled at once rather than one entry later.
-    let mut vacant: BTreeSet<(Key, u32)> = state.vacant.clone();
-    for id in &gone {
-        vacant.extend(state.sessions[id].owned.iter().cloned());
-    }
-    for (key, slot) in &vacant {
+    let vacant: std::borrow::Cow<BTreeSet<(Key, u32)>> = if gone.is_empty() {
+        std::borrow::Cow::Borrowed(&state.vacant)
+    } else {
+        let mut vacant = state.vacant.clone();
+        for id in &gone {
+            vacant.extend(state.sessions[id].owned.iter().cloned());
+        }
+        std::borrow::Cow::Owned(vacant)
+    };
+    for (key, slot) in vacant.iter() {
         if assigns >= MAX_ASSIGNS_PER_PLAN {
             break;
         }
@@ -89,52 +108,78 @@ pub fn plan(state: &ClusterState, table: &LeaseTable, now: Millis) -> Vec<Comman
             assigns += 1;
         }
     }
-    if commands.is_empty() {
-        commands.extend(spread(state, table, now, &eligible));
+    if commands.is_empty() && spread {
+        commands.extend(spread_load(state, table, now, &eligible));
     }
     commands
 }
 
-/// Asks one owner to hand one slot over when the load is uneven by two or more slots between
-/// two live candidates of the same key, so keys spread over nodes (a node that registered
-/// first would otherwise keep every key).
+/// The most `RequestMove` commands one plan proposes.
+pub const MAX_MOVES_PER_PLAN: usize = 256;
+
+/// Asks owners to hand slots over while the load is uneven by two or more slots between two
+/// live candidates of the same key, so keys spread over nodes (a node that registered first
+/// would otherwise keep every key).
 ///
 /// Conservative on purpose: only when nothing else is to be done, no move is already under
 /// way, every session was heard from recently, and this leadership has lasted longer than any
 /// session's expiry time, so that a session it counts as live is not one that died before it
-/// took over. One move at a time; the owner stops its task before it releases the slot.
-fn spread(
+/// took over. The moves of one plan are chosen against the loads they will leave (each moved
+/// slot counted at its lightest candidate), at most [`MAX_MOVES_PER_PLAN`]; the next round
+/// waits until they are done. Each owner stops its task before it releases the slot.
+fn spread_load(
     state: &ClusterState,
     table: &LeaseTable,
     now: Millis,
     eligible: &dyn Fn(&SessionId) -> bool,
-) -> Option<Command> {
-    let settle = state.sessions.values().map(|s| s.lease.expiry_after_ms()).max().unwrap_or(0);
-    if now.since(table.started()) <= settle {
-        return None;
+) -> Vec<Command> {
+    if !spread_settled(state, table, now) {
+        return Vec::new();
     }
     if !state.sessions.keys().all(eligible) {
-        return None;
+        return Vec::new();
+    }
+    let mut load: BTreeMap<SessionId, usize> =
+        state.sessions.keys().map(|id| (*id, weighted_load(state, table, *id))).collect();
+    // Balanced within one slot: no move can help. Checked first, over the sessions only, so
+    // a settled cluster's pass does not look at its keys.
+    let low = load.values().copied().min().unwrap_or(0);
+    let high = load.values().copied().max().unwrap_or(0);
+    if high < low + 2 {
+        return Vec::new();
     }
     let moving = state.keys.values().any(|k| k.slots.iter().flatten().any(|o| o.moving));
     if moving {
-        return None;
+        return Vec::new();
     }
-    let load = |id: &SessionId| weighted_load(state, table, *id);
-    // The most loaded session first; within it, its slots in key order.
-    let mut sessions: Vec<&SessionId> = state.sessions.keys().collect();
-    sessions.sort_by(|a, b| load(b).cmp(&load(a)).then(a.cmp(b)));
+    // The most loaded sessions first; within each, its slots in key order.
+    let mut sessions: Vec<SessionId> = state.sessions.keys().copied().collect();
+    sessions.sort_by(|a, b| load[b].cmp(&load[a]).then(a.cmp(b)));
+    let mut moves = Vec::new();
     for from in sessions {
-        let from_load = load(from);
-        for (key, slot) in &state.sessions[from].owned {
+        for (key, slot) in &state.sessions[&from].owned {
+            if moves.len() >= MAX_MOVES_PER_PLAN {
+                return moves;
+            }
+            let from_load = load[&from];
+            if from_load < low + 2 {
+                break;
+            }
             let Some(k) = state.keys.get(key) else { continue };
             let Some(owner) = k.slots.get(*slot as usize).copied().flatten() else { continue };
             let owners: BTreeSet<SessionId> = k.slots.iter().flatten().map(|o| o.session).collect();
-            let target_exists = k.candidates.iter().any(|c| {
-                c != from && !owners.contains(c) && eligible(c) && load(c) + 2 <= from_load
-            });
-            if target_exists {
-                return Some(Command::RequestMove {
+            let target = k
+                .candidates
+                .iter()
+                .filter(|c| **c != from && !owners.contains(c) && eligible(c))
+                .min_by_key(|c| (load[*c], **c))
+                .copied();
+            if let Some(to) = target
+                && load[&to] + 2 <= from_load
+            {
+                *load.entry(from).or_default() -= 1;
+                *load.entry(to).or_default() += 1;
+                moves.push(Command::RequestMove {
                     key: key.clone(),
                     slot: *slot,
                     token: owner.token,
@@ -142,7 +187,15 @@ fn spread(
             }
         }
     }
-    None
+    moves
+}
+
+/// Whether this leadership is old enough to move load: it has lasted longer than any
+/// session's expiry time, so a session it counts as live is not one that died before it took
+/// over. Cheap (the sessions only), for a leader that paces its spreading passes.
+pub fn spread_settled(state: &ClusterState, table: &LeaseTable, now: Millis) -> bool {
+    let settle = state.sessions.values().map(|s| s.lease.expiry_after_ms()).max().unwrap_or(0);
+    now.since(table.started()) > settle
 }
 
 /// A session's load for placement: the slots it owns, plus one if it runs on the leader's

@@ -844,6 +844,8 @@ impl Run {
     /// model, and checks everything.
     fn step(&mut self, command: Command) -> Outcome {
         let before = self.state.clone();
+        let mut touched = BTreeSet::new();
+        before.keys_touched_by(&command, &mut touched);
         let term = self.model.term;
         let outcome = self.state.apply_entry(term, std::slice::from_ref(&command)).remove(0);
         let twin = self.twin.apply_entry(term, std::slice::from_ref(&command)).remove(0);
@@ -869,6 +871,12 @@ impl Run {
                 assert_eq!(self.state, before, "the refused {command:?} changed the state")
             }
             _ => {}
+        }
+        for changed in keys_changed(&before, &self.state) {
+            assert!(
+                touched.contains(&changed),
+                "{command:?} changed key {changed} but keys_touched_by named only {touched:?}"
+            );
         }
         if let Err(e) = ClusterState::ownerships_ended_by_name(&before, &self.state, &command) {
             panic!("token invariant: {e}");
@@ -944,6 +952,31 @@ impl Run {
             );
         }
     }
+}
+
+/// The keys whose entry, or any session's registration or ownership of them, differs.
+fn keys_changed(a: &ClusterState, b: &ClusterState) -> BTreeSet<Key> {
+    let mut changed = BTreeSet::new();
+    for k in a.keys.keys().chain(b.keys.keys()) {
+        if a.keys.get(k) != b.keys.get(k) {
+            changed.insert(k.clone());
+        }
+    }
+    let per_session = |st: &ClusterState| -> BTreeSet<(SessionId, Key, String)> {
+        st.sessions
+            .values()
+            .flat_map(|s| {
+                let registered =
+                    s.keys.iter().map(move |(k, e)| (s.id, k.clone(), format!("r{e}")));
+                let owned =
+                    s.owned.iter().map(move |(k, slot)| (s.id, k.clone(), format!("o{slot}")));
+                registered.chain(owned)
+            })
+            .collect()
+    };
+    let (x, y) = (per_session(a), per_session(b));
+    changed.extend(x.symmetric_difference(&y).map(|(_, k, _)| k.clone()));
+    changed
 }
 
 proptest! {

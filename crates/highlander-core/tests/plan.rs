@@ -2,8 +2,9 @@
 
 use highlander_core::state::ClusterState;
 use highlander_core::{
-    ClientId, Command, Key, KeySpec, LeaseTable, LeaseTerms, Limits, MAX_ASSIGNS_PER_PLAN, Millis,
-    NodeId, Outcome, Rejection, SessionId, Token, plan, rendezvous,
+    ClientId, Command, Key, KeySpec, LeaseTable, LeaseTerms, Limits, MAX_ASSIGNS_PER_PLAN,
+    MAX_MOVES_PER_PLAN, Millis, NodeId, Outcome, Rejection, SessionId, Token, plan, plan_with,
+    rendezvous,
 };
 
 const TERM: u64 = 3;
@@ -524,14 +525,60 @@ fn moves(commands: &[Command]) -> Vec<(String, u32, Token)> {
 }
 
 #[test]
-fn a_settled_leader_asks_the_most_loaded_owner_to_hand_one_slot_over() {
+fn a_settled_leader_asks_the_most_loaded_owner_to_hand_over_what_evens_the_load() {
     let (st, s) = piled_up(4);
     let now = TTL + MARGIN + 1;
     let commands = plan(&st, &settled_table(&st, now), Millis(now));
     let m = moves(&commands);
-    assert_eq!(m.len(), 1, "one move at a time: {commands:?}");
-    let (k, slot, token) = m[0].clone();
-    assert_eq!(st.owner(&key(&k), slot).map(|o| (o.session, o.token)), Some((s[0], token)));
+    // 4, 0, 0 → 2, 1, 1: a third move would leave the first owner lighter than the others.
+    assert_eq!(m.len(), 2, "{commands:?}");
+    for (k, slot, token) in m {
+        assert_eq!(st.owner(&key(&k), slot).map(|o| (o.session, o.token)), Some((s[0], token)));
+    }
+    // Without the spreading step, a settled state plans nothing.
+    assert_eq!(plan_with(&st, &settled_table(&st, now), Millis(now), false), vec![]);
+}
+
+#[test]
+fn moves_per_plan_are_bounded_and_a_skewed_load_evens_out_in_rounds() {
+    let n = MAX_MOVES_PER_PLAN * 3;
+    let (mut st, s) = piled_up(n);
+    let now = TTL + MARGIN + 1;
+    let mut rounds = 0;
+    loop {
+        let commands = plan(&st, &settled_table(&st, now), Millis(now));
+        if commands.is_empty() {
+            break;
+        }
+        rounds += 1;
+        assert!(moves(&commands).len() <= MAX_MOVES_PER_PLAN, "{} moves", commands.len());
+        apply_plan(&mut st, &commands);
+        release_moving(&mut st);
+    }
+    let loads: Vec<usize> = s.iter().map(|id| st.sessions[id].owned.len()).collect();
+    assert!(loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 1, "{loads:?}");
+    // Each round moves up to the bound, and the vacated slots are filled in the next plan.
+    assert!(rounds <= 2 * (2 * n / 3).div_ceil(MAX_MOVES_PER_PLAN) + 2, "{rounds} rounds");
+    st.check_consistency().unwrap();
+}
+
+/// The owners stop their tasks, then release what they were asked to hand over.
+fn release_moving(st: &mut ClusterState) {
+    let asked: Vec<(Key, u32, Token)> = st
+        .keys
+        .iter()
+        .flat_map(|(k, ks)| {
+            ks.slots.iter().enumerate().filter_map(move |(i, o)| {
+                o.filter(|o| o.moving).map(|o| (k.clone(), i as u32, o.token))
+            })
+        })
+        .collect();
+    for (key, slot, token) in asked {
+        assert_eq!(
+            st.apply(&Command::Release { key, slot, token, hand_over: true }),
+            Outcome::Released
+        );
+    }
 }
 
 #[test]

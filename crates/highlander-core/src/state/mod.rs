@@ -45,6 +45,11 @@ impl Session {
     pub fn node(&self) -> NodeId {
         self.client.node
     }
+
+    /// Whether the session owns a slot of `key` (a lookup, not a scan of what it owns).
+    pub fn owns_slot_of(&self, key: &Key) -> bool {
+        self.owned.range((key.clone(), 0)..=(key.clone(), u32::MAX)).next().is_some()
+    }
 }
 
 /// What the state remembers about a node between its sessions.
@@ -105,7 +110,7 @@ pub struct KeyState {
     /// Messages for the owner of slot 0.
     pub queue: Queue,
     /// For a schedule key: its ticks.
-    pub schedule: Option<ScheduleState>,
+    pub schedule: Option<Box<ScheduleState>>,
 }
 
 /// The de-duplication record of one client process.
@@ -172,6 +177,45 @@ impl ClusterState {
         let outcomes = self.apply_batch(commands);
         self.entry_stamp = None;
         outcomes
+    }
+
+    /// Adds to `out` every key whose state `command` may change, as seen before it is
+    /// applied: its own key, the queue of the job it names, and for a command that may end a
+    /// session (`OpenSession` ends an earlier one on the same storage), every key that
+    /// session registered, owns or holds jobs of. An over-approximation, never an under one:
+    /// watchers of one key rely on it to wake when anything about their key changed. Costs
+    /// what the command touches, not the size of the state.
+    pub fn keys_touched_by(&self, command: &Command, out: &mut BTreeSet<Key>) {
+        if let Some(key) = command.key() {
+            out.insert(key.clone());
+        }
+        let ending = match command {
+            Command::CloseSession { session } | Command::ExpireSession { session, .. } => {
+                Some(*session)
+            }
+            Command::OpenSession { client, .. } => {
+                self.nodes.get(&client.node).and_then(|rec| rec.session)
+            }
+            Command::CompleteJob { job, .. }
+            | Command::FailJob { job, .. }
+            | Command::ExtendJob { job, .. }
+            | Command::JobControl { job, .. } => {
+                if let Some(j) = self.jobs.jobs.get(job) {
+                    out.insert(j.queue.clone());
+                }
+                None
+            }
+            Command::PurgeJobs { queue: None, .. } => {
+                out.extend(self.jobs.queues.keys().cloned());
+                None
+            }
+            _ => None,
+        };
+        if let Some(s) = ending.and_then(|id| self.sessions.get(&id)) {
+            out.extend(s.keys.keys().cloned());
+            out.extend(s.owned.iter().map(|(k, _)| k.clone()));
+            out.extend(s.jobs.keys().cloned());
+        }
     }
 
     /// Applies one command, in the term set by the last [`apply_entry`](Self::apply_entry)
@@ -509,7 +553,7 @@ impl ClusterState {
                 slots: vec![None; spec.slots as usize],
                 handed_over_by: vec![None; spec.slots as usize],
                 queue: Queue { next_seq: self.last_seq + 1, ..Queue::default() },
-                schedule,
+                schedule: schedule.map(Box::new),
             },
         );
         for slot in 0..spec.slots {
@@ -528,7 +572,7 @@ impl ClusterState {
             return Outcome::Rejected(Rejection::StaleRegistration);
         }
         // A withdrawal never ends an ownership: the slot is released with its token first.
-        if s.owned.iter().any(|(k, _)| k == key) {
+        if s.owns_slot_of(key) {
             return Outcome::Rejected(Rejection::StillOwner);
         }
         s.keys.remove(key);
@@ -555,7 +599,7 @@ impl ClusterState {
         if !k.candidates.contains(&session) {
             return Outcome::Rejected(Rejection::NotCandidate);
         }
-        if s.owned.iter().any(|(owned_key, _)| owned_key == key) {
+        if s.owns_slot_of(key) {
             return Outcome::Rejected(Rejection::AlreadyOwnsSlot);
         }
         self.last_token += 1;

@@ -264,7 +264,7 @@ pub(crate) fn shorten(text: &str) -> String {
 impl ClusterState {
     /// The schedule of `key`, if it is one.
     pub fn schedule(&self, key: &Key) -> Option<&ScheduleState> {
-        self.keys.get(key)?.schedule.as_ref()
+        self.keys.get(key)?.schedule.as_deref()
     }
 
     pub(super) fn register_schedule(
