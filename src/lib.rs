@@ -85,8 +85,8 @@ pub use file_config::NodeConfig;
 pub use highlander_core::wire::ScheduleReport;
 pub use highlander_core::wire::{JobReport, QueueReport};
 pub use highlander_core::wire::{
-    KeyReport, MemberReport, MembershipReport, NetworkReport, OverrunReport, OwnerReport, Phase,
-    SessionReport, StatusReport,
+    KeyQuery, KeyReport, KeySummary, MemberReport, MembershipReport, NetworkReport, OverrunReport,
+    OwnerReport, Phase, SessionReport, StatusReport,
 };
 pub use highlander_core::{
     CatchUp, Delivery, IntoKey, Key, KeyError, KeyKind, KeySpec, Limits, Message, NodeId, Overlap,

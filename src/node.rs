@@ -15,8 +15,8 @@ use crate::supervisor::{self, SupervisorCommand};
 use crate::task::{BoxedHandler, Lease, TaskContext, TaskOptions, TaskResult, box_handler};
 use crate::watchdog::NodeWatch;
 use highlander_core::wire::{
-    MembershipReport, MembershipRequest, NetworkReport, Phase, Request, Response, StatusReport,
-    WriteRefusal,
+    KeyQuery, MembershipReport, MembershipRequest, NetworkReport, Phase, Request, Response,
+    StatusReport, WriteRefusal,
 };
 use highlander_core::{
     BoxFuture, ClientId, Command, IntoKey, Key, KeySpec, Limits, Millis, NodeId, Outcome, Payload,
@@ -85,6 +85,10 @@ pub(crate) struct Shared {
     client: Mutex<ClientId>,
     lease: watch::Sender<Lease>,
     handlers: Mutex<BTreeMap<Key, Arc<HandlerEntry>>>,
+    /// Keys whose handler was added or removed since the supervisor last looked, and the
+    /// signal that wakes it for them.
+    handler_changes: Mutex<BTreeSet<Key>>,
+    pub(crate) handler_signal: tokio::sync::Notify,
     /// The last registration epoch handed out (see [`Command::Register`]).
     epochs: AtomicU64,
     stopping: watch::Sender<bool>,
@@ -150,6 +154,18 @@ impl Shared {
         self.handlers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Records that `key`'s handler was added or removed, for the supervisor's next pass
+    /// (which looks only at what changed).
+    pub(crate) fn handler_changed(&self, key: &Key) {
+        self.handler_changes.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone());
+        self.handler_signal.notify_one();
+    }
+
+    /// The keys whose handler changed since the last call.
+    pub(crate) fn take_handler_changes(&self) -> BTreeSet<Key> {
+        std::mem::take(&mut *self.handler_changes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     pub(crate) fn is_stopping(&self) -> bool {
         *self.stopping.borrow()
     }
@@ -180,9 +196,10 @@ impl Shared {
     }
 
     /// The report `status` returns and peers get for [`Request::Status`].
-    pub(crate) fn status(&self) -> StatusReport {
+    pub(crate) fn status(&self, query: &KeyQuery) -> StatusReport {
         let applied = self.applied.read();
-        let (sessions, mut keys) = applied.state.report();
+        let sessions = applied.state.session_reports();
+        let (mut keys, key_summary, next_after) = applied.state.key_reports(query);
         let cluster_now = self.cluster_clock.now_ms();
         for k in &mut keys {
             if let Some(s) = k.schedule.as_mut() {
@@ -257,7 +274,9 @@ impl Shared {
             network: Some(network),
             warnings,
             sessions,
+            key_summary,
             keys,
+            next_after,
         }
     }
 }
@@ -580,6 +599,8 @@ impl NodeBuilder {
             client: Mutex::new(ClientId { node: id, incarnation }),
             lease: watch::channel(Lease::default()).0,
             handlers: Mutex::default(),
+            handler_changes: Mutex::default(),
+            handler_signal: tokio::sync::Notify::new(),
             epochs: AtomicU64::new(0),
             stopping: watch::channel(false).0,
             fatal: Mutex::default(),
@@ -752,6 +773,7 @@ impl Node {
             }
             self.shared.next_epoch()
         };
+        self.shared.handler_changed(&key);
         self.withdraw(&key, epoch).await
     }
 
@@ -807,10 +829,9 @@ impl Node {
         loop {
             let held = {
                 let a = self.shared.applied.read();
-                a.state
-                    .sessions
-                    .get(&session)
-                    .is_some_and(|s| s.owned.iter().any(|(k, _)| k == key))
+                a.state.sessions.get(&session).is_some_and(|s| {
+                    s.owned.range((key.clone(), 0)..=(key.clone(), u32::MAX)).next().is_some()
+                })
             };
             if !held {
                 return Ok(());
@@ -866,6 +887,7 @@ impl Node {
             handlers.insert(key.clone(), entry.clone());
             self.shared.next_epoch()
         };
+        self.shared.handler_changed(&key);
         // Nothing runs a key this node could not register (an error, or the caller dropped
         // the future): the handler goes, and a registration that lands anyway is withdrawn
         // by the supervisor.
@@ -963,10 +985,28 @@ impl Node {
         }
     }
 
-    /// What this node knows of the cluster: the leader it knows of, live sessions, every key
-    /// with its owners, tokens and queue depth, as of the last entry applied here.
+    /// What this node knows of the cluster, as of the last entry applied here: the leader it
+    /// knows of, live sessions, counts over every key ([`StatusReport::key_summary`]), and
+    /// the first [`KeyQuery::DEFAULT_LIMIT`] keys with their owners, tokens and queue depths
+    /// ([`StatusReport::next_after`] says if there are more). See
+    /// [`status_with`](Self::status_with) for other pages, a key prefix, or the summary only.
     pub fn status(&self) -> StatusReport {
-        self.shared.status()
+        self.shared.status(&KeyQuery::default())
+    }
+
+    /// Like [`status`](Self::status), listing the keys `query` selects: a page after a key,
+    /// the keys with a prefix, none ([`KeyQuery::summary`]) or all ([`KeyQuery::all`], which
+    /// costs the size of the state).
+    ///
+    /// ```no_run
+    /// # fn demo(node: &highlander::Node) {
+    /// use highlander::KeyQuery;
+    /// let tenants = node.status_with(&KeyQuery::default().with_prefix("tenant:").limit(50));
+    /// println!("{} of {} slots owned", tenants.key_summary.owned, tenants.key_summary.slots);
+    /// # }
+    /// ```
+    pub fn status_with(&self, query: &KeyQuery) -> StatusReport {
+        self.shared.status(query)
     }
 
     /// The Raft membership as the leader reports it: which storage of each node votes, which
@@ -1135,7 +1175,10 @@ impl Node {
         let _ = tokio::time::timeout(shared.timing.election_bound(), async {
             for node in nodes {
                 loop {
-                    let reply = shared.transport.request(node, Request::Status, step * 2).await;
+                    let reply = shared
+                        .transport
+                        .request(node, Request::Status(KeyQuery::summary()), step * 2)
+                        .await;
                     match reply {
                         Ok(Response::Status(r)) if r.applied_index >= applied => break,
                         _ => tokio::time::sleep(step / 5).await,
@@ -1196,6 +1239,7 @@ impl Drop for PendingRegistration<'_> {
     fn drop(&mut self) {
         if !self.done {
             self.shared.handlers().remove(self.key);
+            self.shared.handler_changed(self.key);
         }
     }
 }
@@ -1275,7 +1319,7 @@ impl RequestHandler for Inbound {
                 Request::KeepAlive { session, lapsed_ms, wall_ms } => Response::KeepAlive(
                     leader::keepalive(&shared, from, session, lapsed_ms, wall_ms).await,
                 ),
-                Request::Status => Response::Status(Box::new(shared.status())),
+                Request::Status(query) => Response::Status(Box::new(shared.status(&query))),
                 Request::Ping => Response::Pong,
                 Request::Hello => Response::Hello(membership::hello(&shared)),
                 Request::Schedule { key, op } => Response::Schedule(

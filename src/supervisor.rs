@@ -15,14 +15,15 @@
 
 use crate::node::{HandlerEntry, Shared};
 use crate::proposer::WriteError;
-use crate::task::{Lease, RestartPolicy, TaskContext, TaskProgress};
+use crate::raft::store::Changes;
+use crate::task::{Acker, Lease, RestartPolicy, TaskContext, TaskProgress};
 use crate::watchdog::Watched;
 use highlander_core::{Command, Key, Message, Outcome, Seq, Token};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, Id, JoinSet};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -53,6 +54,8 @@ struct Running {
     _inbox: mpsc::Sender<Message>,
     delivery: Option<AbortHandle>,
     progress: Arc<TaskProgress>,
+    /// The handler's health deadline when the task started.
+    health: Option<Duration>,
     started: Instant,
     stopping: Option<Stopping>,
 }
@@ -78,40 +81,93 @@ struct Backoff {
 }
 
 /// The supervisor's state, owned by its loop.
+///
+/// A pass looks only at what changed: the keys the applied entries touched since the last
+/// pass, keys whose handler changed, and slots whose task ended or whose restart is due. It
+/// looks at every slot the session owns only when the node's standing changed (its session,
+/// whether the lease still lets tasks run, a stop) or a snapshot replaced the state. With
+/// 100,000 keys a pass for one entry costs that entry's keys, not the node's slots.
 struct Supervisor {
     shared: Arc<Shared>,
     tasks: JoinSet<Option<String>>,
     deliveries: JoinSet<()>,
     running: BTreeMap<SlotId, Running>,
     by_id: BTreeMap<Id, SlotId>,
+    /// The running tasks that were asked to stop, by slot.
+    stopping: BTreeSet<SlotId>,
+    /// The running tasks with a health deadline, by slot.
+    health: BTreeSet<SlotId>,
     backoff: BTreeMap<(SlotId, Token), Backoff>,
-    /// Tokens this node gave up; never run again.
-    given_up: BTreeSet<Token>,
+    /// Tokens this node gave up (with their slots); never run again.
+    given_up: BTreeMap<Token, SlotId>,
     /// Releases being written, so they are not written twice at once.
-    releasing: Arc<std::sync::Mutex<BTreeSet<Token>>>,
+    releasing: Arc<Mutex<BTreeSet<Token>>>,
     /// Withdrawals of registrations without a handler being written.
-    withdrawing: Arc<std::sync::Mutex<BTreeSet<Key>>>,
-    acker: Arc<Notify>,
+    withdrawing: Arc<Mutex<BTreeSet<Key>>>,
+    acker: Arc<Acker>,
     stopped: bool,
     /// Acknowledgements of tasks stopped by `stop_all`, for the final write.
     final_acks: Vec<Command>,
+    /// The keys applied entries touched since the last pass.
+    changes: Arc<Mutex<Changes>>,
+    /// Keys to look at on the next pass for reasons of the supervisor's own (a task ended).
+    pending: BTreeSet<Key>,
+    /// The node's standing at the last pass; a pass with another standing looks at every slot.
+    standing: Option<Standing>,
+}
+
+/// What decides, for every slot at once, whether tasks may run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Standing {
+    session: Option<highlander_core::SessionId>,
+    /// The session is live in the applied state.
+    live: bool,
+    /// The lease lets tasks run (more than a stop grace left).
+    lease_ok: bool,
+    has_deadline: bool,
+    stopped: bool,
+}
+
+/// The keys a pass looks at.
+enum Scope {
+    All,
+    Keys(BTreeSet<Key>),
+}
+
+impl Scope {
+    fn contains(&self, key: &Key) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Keys(keys) => keys.contains(key),
+        }
+    }
+}
+
+/// The slots `(key, 0..)` of one key in a map or set ordered by slot id.
+fn key_range(key: &Key) -> std::ops::RangeInclusive<SlotId> {
+    (key.clone(), 0)..=(key.clone(), u32::MAX)
 }
 
 pub(crate) async fn run(shared: Arc<Shared>, mut commands: mpsc::Receiver<SupervisorCommand>) {
-    let acker = Arc::new(Notify::new());
+    let acker = Arc::new(Acker::default());
     let mut s = Supervisor {
         shared: shared.clone(),
         tasks: JoinSet::new(),
         deliveries: JoinSet::new(),
         running: BTreeMap::new(),
         by_id: BTreeMap::new(),
+        stopping: BTreeSet::new(),
+        health: BTreeSet::new(),
         backoff: BTreeMap::new(),
-        given_up: BTreeSet::new(),
+        given_up: BTreeMap::new(),
         releasing: Arc::default(),
         withdrawing: Arc::default(),
         acker: acker.clone(),
         stopped: false,
         final_acks: Vec::new(),
+        changes: shared.applied.changes(),
+        pending: BTreeSet::new(),
+        standing: None,
     };
     let mut applied = shared.applied.subscribe();
     let mut lease = shared.lease_watch();
@@ -135,7 +191,8 @@ pub(crate) async fn run(shared: Arc<Shared>, mut commands: mpsc::Receiver<Superv
             Some(_) = s.deliveries.join_next() => {}
             changed = lease.changed() => if changed.is_err() { return },
             changed = applied.changed() => if changed.is_err() { return },
-            _ = acker.notified(), if ack_timer.is_none() => {
+            _ = shared.handler_signal.notified() => {}
+            _ = acker.signal.notified(), if ack_timer.is_none() => {
                 ack_timer = Some(Instant::now() + ACK_DELAY);
             }
             _ = tokio::time::sleep_until(ack_at), if ack_timer.is_some() => {
@@ -155,33 +212,50 @@ async fn sleep_until_opt(clock: crate::clock::LeaseClock, at: Option<Instant>) {
 }
 
 impl Supervisor {
-    /// The slots this node may run now, with their tokens, and the slots to hand over (which
-    /// must stop, then be released): those the leader asked it to move, and those of keys
-    /// this node no longer has a handler for (it is withdrawing from them).
+    /// The node's standing now (see [`Standing`]).
+    fn standing(&self, lease: &Lease, now: Instant) -> Standing {
+        let live = lease
+            .session
+            .is_some_and(|id| self.shared.applied.read().state.sessions.contains_key(&id));
+        Standing {
+            session: lease.session,
+            live,
+            // Stop asking tasks to run one grace before the lease runs out.
+            lease_ok: lease.deadline.is_some_and(|d| now + self.shared.timing.stop_grace() < d),
+            has_deadline: lease.deadline.is_some(),
+            stopped: self.stopped || self.shared.is_stopping(),
+        }
+    }
+
+    /// Of the slots in `scope`: those this node may run now, with their tokens, and those to
+    /// hand over (which must stop, then be released): those the leader asked it to move, and
+    /// those of keys this node no longer has a handler for (it is withdrawing from them).
     fn desired(
         &self,
-        lease: &Lease,
-        now: Instant,
+        standing: &Standing,
+        scope: &Scope,
         handlers: &BTreeMap<Key, Arc<HandlerEntry>>,
     ) -> (BTreeMap<SlotId, Token>, BTreeMap<SlotId, Token>) {
         let mut run = BTreeMap::new();
         let mut moving = BTreeMap::new();
-        if self.stopped || self.shared.is_stopping() {
+        if standing.stopped {
             return (run, moving);
         }
-        let Some(session) = lease.session else { return (run, moving) };
+        let Some(session) = standing.session else { return (run, moving) };
         let applied = self.shared.applied.read();
         let Some(s) = applied.state.sessions.get(&session) else { return (run, moving) };
-        // Stop asking tasks to run one grace before the lease runs out.
-        let lease_ok = lease.deadline.is_some_and(|d| now + self.shared.timing.stop_grace() < d);
-        for (key, slot) in &s.owned {
+        let owned: Box<dyn Iterator<Item = &SlotId>> = match scope {
+            Scope::All => Box::new(s.owned.iter()),
+            Scope::Keys(keys) => Box::new(keys.iter().flat_map(|k| s.owned.range(key_range(k)))),
+        };
+        for (key, slot) in owned {
             if let Some(owner) = applied.state.owner(key, *slot)
                 && owner.session == session
-                && !self.given_up.contains(&owner.token)
+                && !self.given_up.contains_key(&owner.token)
             {
                 if owner.moving || !handlers.contains_key(key) {
                     moving.insert((key.clone(), *slot), owner.token);
-                } else if lease_ok {
+                } else if standing.lease_ok {
                     run.insert((key.clone(), *slot), owner.token);
                 }
             }
@@ -189,27 +263,69 @@ impl Supervisor {
         (run, moving)
     }
 
+    /// What this pass looks at: everything if the standing changed or the state was
+    /// replaced, else the keys that changed and the slots whose restart is due.
+    fn scope(&mut self, standing: Standing, now: Instant) -> Scope {
+        let changes = self.changes.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let handler_changes = self.shared.take_handler_changes();
+        let pending = std::mem::take(&mut self.pending);
+        if changes.all || self.standing != Some(standing) {
+            self.standing = Some(standing);
+            return Scope::All;
+        }
+        let mut keys = changes.keys;
+        keys.extend(handler_changes);
+        keys.extend(pending);
+        keys.extend(
+            self.backoff
+                .iter()
+                .filter(|(_, b)| b.until <= now)
+                .map(|((slot, _), _)| slot.0.clone()),
+        );
+        Scope::Keys(keys)
+    }
+
     fn reconcile(&mut self) {
         let now = self.shared.clock.now();
         let lease = self.shared.lease();
-        // One copy of the handlers for this pass: what runs and what is handed over agree.
-        let handlers = self.shared.handlers().clone();
-        let (desired, moving) = self.desired(&lease, now, &handlers);
+        let standing = self.standing(&lease, now);
+        let scope = self.scope(standing, now);
+        if matches!(&scope, Scope::Keys(k) if k.is_empty()) && self.stopping.is_empty() {
+            // Nothing changed: only the timers below could be due, and none runs.
+            self.check_health(now);
+            return;
+        }
+        // One copy of the handlers of this pass's keys: what runs and what is handed over
+        // agree.
+        let handlers: BTreeMap<Key, Arc<HandlerEntry>> = {
+            let all = self.shared.handlers();
+            match &scope {
+                Scope::All => all.clone(),
+                Scope::Keys(keys) => {
+                    keys.iter().filter_map(|k| all.get(k).map(|h| (k.clone(), h.clone()))).collect()
+                }
+            }
+        };
+        let (desired, moving) = self.desired(&standing, &scope, &handlers);
         let grace = self.shared.timing.stop_grace();
 
         // Stop what must not run.
-        for (slot_id, r) in self.running.iter_mut() {
-            let keep = desired.get(slot_id) == Some(&r.token);
+        let in_scope: Vec<SlotId> = match &scope {
+            Scope::All => self.running.keys().cloned().collect(),
+            Scope::Keys(keys) => keys
+                .iter()
+                .flat_map(|k| self.running.range(key_range(k)).map(|(id, _)| id.clone()))
+                .collect(),
+        };
+        for slot_id in in_scope {
+            let Some(r) = self.running.get_mut(&slot_id) else { continue };
+            let keep = desired.get(&slot_id) == Some(&r.token);
             if keep || r.stopping.is_some() {
-                if !keep {
-                    if let (Some(st), Some(d)) = (r.stopping.as_mut(), lease.deadline) {
-                        // Never past the lease deadline.
-                        st.abort_at = st.abort_at.min(d);
-                    } else if lease.deadline.is_none()
-                        && let Some(st) = r.stopping.as_mut()
-                    {
-                        st.abort_at = now;
-                    }
+                if !keep
+                    && lease.deadline.is_none()
+                    && let Some(st) = r.stopping.as_mut()
+                {
+                    st.abort_at = now;
                 }
                 continue;
             }
@@ -218,7 +334,7 @@ impl Supervisor {
                 None => now,
             };
             // Asked to hand the slot over: release it once the task has stopped.
-            let then = if moving.get(slot_id) == Some(&r.token) {
+            let then = if moving.get(&slot_id) == Some(&r.token) {
                 AfterStop::Release { hand_over: true }
             } else {
                 AfterStop::Nothing
@@ -226,13 +342,21 @@ impl Supervisor {
             info!(node = %self.shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, after = ?then, "stopping task");
             let _ = r.cancel.send(true);
             r.stopping = Some(Stopping { abort_at, then });
+            self.stopping.insert(slot_id);
         }
-        let due: Vec<SlotId> = self
-            .running
-            .iter()
-            .filter(|(_, r)| r.stopping.as_ref().is_some_and(|st| st.abort_at <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
+        // Tasks asked to stop never run past the lease deadline.
+        let mut due = Vec::new();
+        for slot_id in &self.stopping {
+            let Some(st) = self.running.get_mut(slot_id).and_then(|r| r.stopping.as_mut()) else {
+                continue;
+            };
+            if let Some(d) = lease.deadline {
+                st.abort_at = st.abort_at.min(d);
+            }
+            if st.abort_at <= now {
+                due.push(slot_id.clone());
+            }
+        }
         for slot_id in due {
             if let Some(r) = self.running.get(&slot_id) {
                 warn!(node = %self.shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, "task did not stop in its grace period; aborting");
@@ -240,34 +364,20 @@ impl Supervisor {
             }
         }
 
-        // Health deadlines.
-        for (slot_id, r) in self.running.iter_mut() {
-            if r.stopping.is_some() {
-                continue;
-            }
-            let Some(h) = handlers.get(&slot_id.0) else { continue };
-            if let Some(limit) = h.options.health_deadline
-                && r.progress.last_beat() + limit <= now
-            {
-                warn!(node = %self.shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, "task missed its health deadline; handing the slot over");
-                let _ = r.cancel.send(true);
-                r.stopping = Some(Stopping {
-                    abort_at: now + grace,
-                    then: AfterStop::Release { hand_over: true },
-                });
-            }
-        }
+        self.check_health(now);
 
         // Slots to hand over that run nothing here: release them now.
         for (slot_id, token) in &moving {
-            if !self.running.contains_key(slot_id) && !self.given_up.contains(token) {
-                self.given_up.insert(*token);
+            if !self.running.contains_key(slot_id) && !self.given_up.contains_key(token) {
+                self.given_up.insert(*token, slot_id.clone());
                 self.release(slot_id.clone(), *token, true, None);
             }
         }
 
         // Start what should run.
-        self.backoff.retain(|(slot_id, token), _| desired.get(slot_id) == Some(token));
+        self.backoff.retain(|(slot_id, token), _| {
+            !scope.contains(&slot_id.0) || desired.get(slot_id) == Some(token)
+        });
         for (slot_id, token) in &desired {
             if self.running.contains_key(slot_id) {
                 continue;
@@ -279,49 +389,78 @@ impl Supervisor {
                 Some(h) => self.start(slot_id.clone(), *token, h.clone(), &lease),
                 None => {
                     // Assigned a key this node no longer handles: give it back.
-                    self.given_up.insert(*token);
+                    self.given_up.insert(*token, slot_id.clone());
                     self.release(slot_id.clone(), *token, true, None);
                 }
             }
         }
 
-        self.withdraw_orphans(&lease, &handlers);
+        self.withdraw_orphans(&standing, &scope, &handlers);
 
         // Forget given-up tokens the state no longer shows as ours.
         if !self.given_up.is_empty() {
             let applied = self.shared.applied.read();
-            let session = lease.session;
-            let still: BTreeSet<Token> = session
-                .and_then(|s| applied.state.sessions.get(&s))
-                .map(|s| {
-                    s.owned
-                        .iter()
-                        .filter_map(|(k, slot)| applied.state.owner(k, *slot))
-                        .map(|o| o.token)
-                        .collect()
-                })
-                .unwrap_or_default();
             let releasing = self.releasing.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            self.given_up.retain(|t| still.contains(t) || releasing.contains(t));
+            self.given_up.retain(|token, (key, slot)| {
+                let ours = applied
+                    .state
+                    .owner(key, *slot)
+                    .is_some_and(|o| o.token == *token && Some(o.session) == lease.session);
+                ours || releasing.contains(token)
+            });
         }
     }
 
-    /// Withdraws the session's registrations of keys this node has no handler for and holds
-    /// no slot of: left behind by an `unregister` whose caller gave up, or by a `register`
-    /// that timed out and landed anyway. Otherwise the leader would keep handing this node
-    /// slots it can only give back.
-    fn withdraw_orphans(&self, lease: &Lease, handlers: &BTreeMap<Key, Arc<HandlerEntry>>) {
-        if self.stopped || self.shared.is_stopping() {
+    /// Hands over the slots of tasks that missed their health deadline.
+    fn check_health(&mut self, now: Instant) {
+        let grace = self.shared.timing.stop_grace();
+        let mut missed = Vec::new();
+        for slot_id in &self.health {
+            let Some(r) = self.running.get(slot_id) else { continue };
+            if r.stopping.is_none()
+                && let Some(limit) = r.health
+                && r.progress.last_beat() + limit <= now
+            {
+                missed.push(slot_id.clone());
+            }
+        }
+        for slot_id in missed {
+            let Some(r) = self.running.get_mut(&slot_id) else { continue };
+            warn!(node = %self.shared.id, key = %slot_id.0, slot = slot_id.1, token = %r.token, "task missed its health deadline; handing the slot over");
+            let _ = r.cancel.send(true);
+            r.stopping = Some(Stopping {
+                abort_at: now + grace,
+                then: AfterStop::Release { hand_over: true },
+            });
+            self.health.remove(&slot_id);
+            self.stopping.insert(slot_id);
+        }
+    }
+
+    /// Withdraws the session's registrations (of the keys in `scope`) of keys this node has
+    /// no handler for and holds no slot of: left behind by an `unregister` whose caller gave
+    /// up, or by a `register` that timed out and landed anyway. Otherwise the leader would
+    /// keep handing this node slots it can only give back.
+    fn withdraw_orphans(
+        &self,
+        standing: &Standing,
+        scope: &Scope,
+        handlers: &BTreeMap<Key, Arc<HandlerEntry>>,
+    ) {
+        if standing.stopped {
             return;
         }
-        let Some(session) = lease.session else { return };
+        let Some(session) = standing.session else { return };
         let orphans: Vec<(Key, u64)> = {
             let applied = self.shared.applied.read();
             let Some(s) = applied.state.sessions.get(&session) else { return };
-            s.keys
-                .iter()
+            let registered: Box<dyn Iterator<Item = (&Key, &u64)>> = match scope {
+                Scope::All => Box::new(s.keys.iter()),
+                Scope::Keys(keys) => Box::new(keys.iter().filter_map(|k| s.keys.get_key_value(k))),
+            };
+            registered
                 .filter(|(k, _)| !handlers.contains_key(*k))
-                .filter(|(k, _)| !s.owned.iter().any(|(owned, _)| owned == *k))
+                .filter(|(k, _)| s.owned.range(key_range(k)).next().is_none())
                 .map(|(k, epoch)| (k.clone(), *epoch))
                 .collect()
         };
@@ -335,15 +474,22 @@ impl Supervisor {
                 // Covers the registration in force only: a newer one (the key registered
                 // again meanwhile) makes the cluster refuse it.
                 let command = Command::Unregister { session, key: key.clone(), epoch };
-                match shared.proposer.write(vec![command]).await {
-                    Ok(outcomes) => {
-                        debug!(node = %shared.id, %key, outcome = ?outcomes.first(), "withdrew a registration without a handler")
+                let result = shared.proposer.write(vec![command]).await.map(|o| o.first().cloned());
+                match &result {
+                    Ok(outcome) => {
+                        debug!(node = %shared.id, %key, ?outcome, "withdrew a registration without a handler")
                     }
                     Err(e) => {
                         debug!(node = %shared.id, %key, error = ?e, "withdrawal failed; will retry")
                     }
                 }
+                let result = result.map(|o| o.ok_or(()));
+                let failed = !matches!(result, Ok(Ok(_)));
                 withdrawing.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                if failed {
+                    // Looked at again on the next pass, which retries the withdrawal.
+                    shared.handler_changed(&key);
+                }
             });
         }
     }
@@ -363,17 +509,18 @@ impl Supervisor {
             at(d.checked_sub(grace).unwrap_or(d));
             at(d);
         }
-        for r in self.running.values() {
-            if let Some(st) = &r.stopping {
+        for slot_id in &self.stopping {
+            if let Some(st) = self.running.get(slot_id).and_then(|r| r.stopping.as_ref()) {
                 at(st.abort_at);
             }
         }
         for b in self.backoff.values() {
             at(b.until);
         }
-        let handlers = self.shared.handlers().clone();
-        for (slot_id, r) in &self.running {
-            if let Some(limit) = handlers.get(&slot_id.0).and_then(|h| h.options.health_deadline) {
+        for slot_id in &self.health {
+            if let Some(r) = self.running.get(slot_id)
+                && let Some(limit) = r.health
+            {
                 at(r.progress.last_beat() + limit);
             }
         }
@@ -388,7 +535,7 @@ impl Supervisor {
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let (inbox_tx, inbox_rx) = mpsc::channel(handler.options.inbox_capacity.max(1));
         let now = shared.clock.now();
-        let progress = Arc::new(TaskProgress::new(now, self.acker.clone()));
+        let progress = Arc::new(TaskProgress::new(now, slot_id.clone(), self.acker.clone()));
         let ctx = TaskContext {
             node: shared.id,
             key: slot_id.0.clone(),
@@ -418,6 +565,10 @@ impl Supervisor {
                     .instrument(span),
             )
         });
+        let health = handler.options.health_deadline;
+        if health.is_some() {
+            self.health.insert(slot_id.clone());
+        }
         self.running.insert(
             slot_id,
             Running {
@@ -427,6 +578,7 @@ impl Supervisor {
                 _inbox: inbox_tx,
                 delivery,
                 progress,
+                health,
                 started: now,
                 stopping: None,
             },
@@ -448,6 +600,10 @@ impl Supervisor {
         };
         let Some(slot_id) = self.by_id.remove(&id) else { return };
         let Some(r) = self.running.remove(&slot_id) else { return };
+        self.stopping.remove(&slot_id);
+        self.health.remove(&slot_id);
+        // Looked at again on the next pass: the slot may be to run again, or to release.
+        self.pending.insert(slot_id.0.clone());
         if let Some(d) = &r.delivery {
             d.abort();
         }
@@ -488,7 +644,7 @@ impl Supervisor {
                     .insert(key, Backoff { until: now + delay, next: (delay * 2).min(max) });
             }
             AfterStop::Release { hand_over } => {
-                self.given_up.insert(r.token);
+                self.given_up.insert(r.token, slot_id.clone());
                 let ack = pending_ack(&slot_id, r.token, &r.progress);
                 self.release(slot_id, r.token, hand_over, ack);
             }
@@ -539,11 +695,13 @@ impl Supervisor {
     /// Writes the acknowledgements running tasks have made since the last write.
     fn flush_acks(&self) {
         let acks: Vec<(Command, Arc<TaskProgress>, u64)> = self
-            .running
-            .iter()
-            .filter_map(|(slot_id, r)| {
+            .acker
+            .take()
+            .into_iter()
+            .filter_map(|slot_id| {
+                let r = self.running.get(&slot_id)?;
                 let upto = r.progress.ack_upto.load(Ordering::Acquire);
-                pending_ack(slot_id, r.token, &r.progress).map(|c| (c, r.progress.clone(), upto))
+                pending_ack(&slot_id, r.token, &r.progress).map(|c| (c, r.progress.clone(), upto))
             })
             .collect();
         if acks.is_empty() {
@@ -552,7 +710,9 @@ impl Supervisor {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let commands: Vec<Command> = acks.iter().map(|(c, _, _)| c.clone()).collect();
-            match shared.proposer.write(commands).await {
+            let written = shared.proposer.write(commands).await;
+            let failed = matches!(written, Err(WriteError::Timeout));
+            match written {
                 Ok(outcomes) => {
                     for ((_, progress, upto), o) in acks.iter().zip(outcomes) {
                         if matches!(o, Outcome::Acked { .. }) {
@@ -560,15 +720,13 @@ impl Supervisor {
                         }
                     }
                 }
-                Err(e) => {
-                    debug!(node = %shared.id, error = ?e, "ack write failed; will retry with the next ack")
-                }
+                Err(e) => debug!(node = %shared.id, error = ?e, "ack write failed; will retry"),
             }
-            // Anything acknowledged meanwhile goes out with the next notification.
-            if acks.iter().any(|(_, p, upto)| p.ack_upto.load(Ordering::Acquire) > *upto)
-                && let Some((_, p, _)) = acks.first()
-            {
-                p.acker.notify_one();
+            // Anything acknowledged meanwhile, or not written, goes out with the next write.
+            for (_, p, upto) in &acks {
+                if failed || p.ack_upto.load(Ordering::Acquire) > *upto {
+                    p.acker.mark(&p.slot);
+                }
             }
         });
     }
@@ -675,7 +833,9 @@ fn pending_ack(slot_id: &SlotId, token: Token, progress: &TaskProgress) -> Optio
 /// Feeds the task's inbox from the key's queue in the applied state, in sequence order,
 /// starting at the first unacknowledged message.
 async fn deliver(shared: Arc<Shared>, key: Key, token: Token, inbox: mpsc::Sender<Message>) {
-    let mut changes = shared.applied.subscribe();
+    // Woken by entries that touch this key only: with many keys, a send to one key does not
+    // wake every task's delivery loop.
+    let mut changes = shared.applied.watch_key(&key);
     let mut next: Option<Seq> = None;
     loop {
         let chunk: Vec<Message> = {

@@ -99,6 +99,28 @@ where
     })
 }
 
+/// The slots whose tasks acknowledged messages since the supervisor last wrote their
+/// acknowledgements, and the signal that wakes it: the write covers those slots only, not
+/// every task of the node.
+#[derive(Default)]
+pub(crate) struct Acker {
+    pub(crate) signal: Notify,
+    dirty: Mutex<std::collections::BTreeSet<(Key, u32)>>,
+}
+
+impl Acker {
+    /// Marks a slot as having acknowledgements to write, and wakes the supervisor.
+    pub(crate) fn mark(&self, slot: &(Key, u32)) {
+        self.dirty.lock().unwrap_or_else(|e| e.into_inner()).insert(slot.clone());
+        self.signal.notify_one();
+    }
+
+    /// The slots marked since the last call.
+    pub(crate) fn take(&self) -> std::collections::BTreeSet<(Key, u32)> {
+        std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 /// Shared between a running task's context and the supervisor: how far the task has
 /// acknowledged, and when it last reported health.
 pub(crate) struct TaskProgress {
@@ -107,22 +129,25 @@ pub(crate) struct TaskProgress {
     /// The highest sequence number an `Ack` was committed for.
     pub(crate) ack_committed: AtomicU64,
     pub(crate) last_beat: Mutex<Instant>,
-    pub(crate) acker: Arc<Notify>,
+    /// The task's slot, as the acker knows it.
+    pub(crate) slot: (Key, u32),
+    pub(crate) acker: Arc<Acker>,
 }
 
 impl TaskProgress {
-    pub(crate) fn new(now: Instant, acker: Arc<Notify>) -> TaskProgress {
+    pub(crate) fn new(now: Instant, slot: (Key, u32), acker: Arc<Acker>) -> TaskProgress {
         TaskProgress {
             ack_upto: AtomicU64::new(0),
             ack_committed: AtomicU64::new(0),
             last_beat: Mutex::new(now),
+            slot,
             acker,
         }
     }
 
     fn ack(&self, seq: Seq) {
         if self.ack_upto.fetch_max(seq.0, Ordering::AcqRel) < seq.0 {
-            self.acker.notify_one();
+            self.acker.mark(&self.slot);
         }
     }
 
@@ -288,7 +313,11 @@ mod tests {
             cancel,
             inbox,
             lease: lease.subscribe(),
-            progress: Arc::new(TaskProgress::new(Instant::now(), Arc::new(Notify::new()))),
+            progress: Arc::new(TaskProgress::new(
+                Instant::now(),
+                (Key::new("k").unwrap(), 0),
+                Arc::default(),
+            )),
             observer: None,
             last_taken: None,
             clock: LeaseClock::new(1.0),

@@ -22,7 +22,7 @@ use highlander_core::{Key, NodeId, Token};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -89,6 +89,8 @@ pub(crate) struct NodeWatch {
     /// deadline: its tasks were bound by it.
     bound: AtomicU64,
     tasks: Mutex<Vec<Weak<TaskWatch>>>,
+    /// The list's length at which ended tasks are next swept out.
+    sweep_at: AtomicUsize,
     overruns: Mutex<BTreeMap<(Key, u32, Token), u64>>,
     overruns_total: AtomicU64,
 }
@@ -122,6 +124,7 @@ impl NodeWatch {
             slack,
             bound: AtomicU64::new(0),
             tasks: Mutex::default(),
+            sweep_at: AtomicUsize::new(64),
             overruns: Mutex::default(),
             overruns_total: AtomicU64::new(0),
         })
@@ -144,7 +147,12 @@ impl NodeWatch {
             reported: AtomicBool::new(false),
         });
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        tasks.retain(|t| t.strong_count() > 0);
+        // Ended tasks are swept once the list has doubled since the last sweep: a sweep per
+        // start would cost the number of tasks each time.
+        if tasks.len() >= self.sweep_at.load(Ordering::Relaxed) {
+            tasks.retain(|t| t.strong_count() > 0);
+            self.sweep_at.store((tasks.len() * 2).max(64), Ordering::Relaxed);
+        }
         tasks.push(Arc::downgrade(&task));
         task
     }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Journal, init_tracing};
-use highlander::{NodeId, Timing, Token};
+use highlander::{KeyQuery, NodeId, Timing, Token};
 use highlander_sim::SimCluster;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -40,7 +40,7 @@ fn names(prefix: &str, n: usize) -> Vec<String> {
 /// Slot 0's owner of every key, from one status report (asking per key would cost a report
 /// per key).
 fn owners(sim: &SimCluster) -> BTreeMap<String, (NodeId, Token)> {
-    let Some(status) = sim.status() else { return BTreeMap::new() };
+    let Some(status) = sim.status_with(&KeyQuery::all()) else { return BTreeMap::new() };
     status
         .keys
         .iter()

@@ -750,9 +750,37 @@ pub(crate) struct Applied {
 pub(crate) struct AppliedState {
     inner: RwLock<Applied>,
     index: watch::Sender<u64>,
-    /// Per key, the index of the last entry that named it: a task that follows one key (a
-    /// schedule's runner) wakes for its key only, not for every entry of a busy cluster.
-    keys: Mutex<BTreeMap<Key, watch::Sender<u64>>>,
+    /// Per key, the index of the last entry that touched it: a task that follows one key (a
+    /// schedule's runner, a task's delivery loop) wakes for its key only, not for every entry
+    /// of a busy cluster.
+    keys: Mutex<KeyWatches>,
+    /// The change sets of loops that keep per-key state (the supervisor), each told which
+    /// keys changed since it last looked.
+    sinks: Mutex<Vec<std::sync::Weak<Mutex<Changes>>>>,
+}
+
+/// Per-key watches, with closed ones swept once the map has doubled since the last sweep
+/// (a sweep on every new watch would cost the number of watches each time).
+#[derive(Default)]
+struct KeyWatches {
+    watches: BTreeMap<Key, watch::Sender<u64>>,
+    sweep_at: usize,
+}
+
+/// Which keys changed in the applied state since a consumer last took its changes.
+#[derive(Debug)]
+pub(crate) struct Changes {
+    /// Everything may have changed (a snapshot was installed, or the consumer is new).
+    pub(crate) all: bool,
+    /// The keys applied entries touched (see `ClusterState::keys_touched_by`).
+    pub(crate) keys: BTreeSet<Key>,
+}
+
+impl Changes {
+    /// Takes the changes gathered so far, leaving none.
+    pub(crate) fn take(&mut self) -> Changes {
+        Changes { all: std::mem::take(&mut self.all), keys: std::mem::take(&mut self.keys) }
+    }
 }
 
 impl AppliedState {
@@ -764,30 +792,55 @@ impl AppliedState {
                 membership: StoredMembership::default(),
             }),
             index: watch::channel(0).0,
-            keys: Mutex::new(BTreeMap::new()),
+            keys: Mutex::default(),
+            sinks: Mutex::default(),
         })
     }
 
-    /// A receiver notified whenever an applied entry names `key` (and after a snapshot is
-    /// installed). Ownership lost through a session's end names no key: watch the task's
-    /// context for that.
+    /// A receiver notified whenever an applied entry touches `key` (see
+    /// `ClusterState::keys_touched_by`: that includes the end of a session that registered
+    /// or owned it) and after a snapshot is installed.
     pub(crate) fn watch_key(&self, key: &Key) -> watch::Receiver<u64> {
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        keys.retain(|_, tx| tx.receiver_count() > 0);
-        keys.entry(key.clone()).or_insert_with(|| watch::channel(0).0).subscribe()
+        if keys.watches.len() >= keys.sweep_at {
+            keys.watches.retain(|_, tx| tx.receiver_count() > 0);
+            keys.sweep_at = (keys.watches.len() * 2).max(64);
+        }
+        keys.watches.entry(key.clone()).or_insert_with(|| watch::channel(0).0).subscribe()
     }
 
-    /// Notifies the watchers of `touched` (of every key if `None`).
+    /// A change set that every apply adds its touched keys to, starting with everything.
+    pub(crate) fn changes(&self) -> Arc<Mutex<Changes>> {
+        let changes = Arc::new(Mutex::new(Changes { all: true, keys: BTreeSet::new() }));
+        let mut sinks = self.sinks.lock().unwrap_or_else(|e| e.into_inner());
+        sinks.retain(|w| w.strong_count() > 0);
+        sinks.push(Arc::downgrade(&changes));
+        changes
+    }
+
+    /// Tells the change sets and the watchers of `touched` (of every key if `None`).
     fn notify_keys(&self, touched: Option<&BTreeSet<Key>>, index: u64) {
+        for sink in self.sinks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let Some(sink) = sink.upgrade() else { continue };
+            let mut changes = sink.lock().unwrap_or_else(|e| e.into_inner());
+            match touched {
+                Some(touched) if !changes.all => changes.keys.extend(touched.iter().cloned()),
+                Some(_) => {}
+                None => {
+                    changes.all = true;
+                    changes.keys.clear();
+                }
+            }
+        }
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         match touched {
             Some(touched) => {
-                for tx in touched.iter().filter_map(|key| keys.get(key)) {
+                for tx in touched.iter().filter_map(|key| keys.watches.get(key)) {
                     tx.send_replace(index);
                 }
             }
             None => {
-                for tx in keys.values() {
+                for tx in keys.watches.values() {
                     tx.send_replace(index);
                 }
             }
@@ -909,7 +962,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 match entry.payload {
                     EntryPayload::Blank => out.push(Vec::new()),
                     EntryPayload::Normal(batch) => {
-                        touched.extend(batch.0.iter().filter_map(|c| c.key().cloned()));
+                        for c in &batch.0 {
+                            a.state.keys_touched_by(c, &mut touched);
+                        }
                         out.push(a.state.apply_entry(entry.log_id.leader_id.term, &batch.0))
                     }
                     EntryPayload::Membership(m) => {
@@ -920,9 +975,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             a.last_applied.map(|l| l.index).unwrap_or(0)
         };
-        self.applied.notify(index);
-        self.applied.notify_keys(None, index);
+        // The change sets first: a loop woken by the index finds its keys already there.
         self.applied.notify_keys(Some(&touched), index);
+        self.applied.notify(index);
         Ok(out)
     }
 
@@ -956,6 +1011,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             a.membership = meta.last_membership.clone();
             a.last_applied.map(|l| l.index).unwrap_or(0)
         };
+        self.applied.notify_keys(None, index);
         self.applied.notify(index);
         Ok(())
     }

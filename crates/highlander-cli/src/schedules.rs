@@ -10,7 +10,7 @@ use crate::args::{CliError, Command, Parsed, switch, value};
 use crate::status::{ask, request, runtime, table, target};
 use highlander::core::schedule::format_utc;
 use highlander::core::state::FireOutcome;
-use highlander::core::wire::{KeyReport, Request, Response, ScheduleOp};
+use highlander::core::wire::{KeyQuery, KeyReport, Request, Response, ScheduleOp};
 use highlander::{CatchUp, Delivery, Key, Overlap, StatusReport, TickOrigin, Trigger};
 
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
@@ -89,7 +89,7 @@ id (see `schedules show`).
 
 pub fn list(args: &Parsed) -> Result<(), CliError> {
     let (config, node, addr, timeout) = target(args, DEFAULT_TIMEOUT_MS)?;
-    let report = runtime()?.block_on(ask(&config, node, addr, timeout))?;
+    let report = runtime()?.block_on(ask(&config, node, addr, timeout, KeyQuery::all()))?;
     let schedules: Vec<&KeyReport> = report.keys.iter().filter(|k| k.schedule.is_some()).collect();
     if args.switch("--json") {
         return print_json(&schedules);
@@ -101,7 +101,9 @@ pub fn list(args: &Parsed) -> Result<(), CliError> {
 pub fn show(args: &Parsed) -> Result<(), CliError> {
     let key = key(args)?;
     let (config, node, addr, timeout) = target(args, DEFAULT_TIMEOUT_MS)?;
-    let report = runtime()?.block_on(ask(&config, node, addr, timeout))?;
+    // The key itself is the first key with its own name as prefix.
+    let query = KeyQuery::default().with_prefix(key.as_str()).limit(1);
+    let report = runtime()?.block_on(ask(&config, node, addr, timeout, query))?;
     let Some(k) = report.keys.iter().find(|k| k.key == key) else {
         return Err(CliError::failed(format!("node {} knows no key {key}", node.0)));
     };

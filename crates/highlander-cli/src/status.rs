@@ -1,21 +1,30 @@
 //! `highlander status`: ask a node for its report over QUIC, as a member of the cluster.
 
 use crate::args::{CliError, Command, Parsed, switch, value};
-use highlander::core::wire::{Request, Response};
+use highlander::core::wire::{KeyQuery, Request, Response};
 use highlander::quic::QuicTransport;
-use highlander::{KeyKind, NodeConfig, NodeId, StatusReport, Transport, TransportError};
+use highlander::{Key, KeyKind, NodeConfig, NodeId, StatusReport, Transport, TransportError};
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 const DEFAULT_TIMEOUT_MS: u64 = 3000;
 
+/// How many keys `status` lists unless told otherwise.
+const DEFAULT_KEYS: u32 = 50;
+
 pub static STATUS: Command = Command {
     name: "status",
-    usage: "highlander status --config node.toml [--node N] [--json] [--timeout-ms T]",
+    usage: "highlander status --config node.toml [--node N] [--prefix P] [--after KEY] \
+[--limit N] [--json] [--timeout-ms T]",
     help: "\
 Asks a node what it knows of the cluster: the leader, the term, the members, the live
-sessions, every key with its owners (node, fencing token) and queue depth, and every job
-queue with its depths by state, running jobs per node and the age of its oldest job.
+sessions, counts over every key (slots owned, vacant and moving, messages queued), the first
+keys with their owners (node, fencing token) and queue depth, and every job queue with its
+depths by state, running jobs per node and the age of its oldest job.
+
+With many keys, list them a page at a time: --limit sets the page size, --after the last key
+of the previous page (the report names it), --prefix keeps the keys that start with it.
+--limit 0 prints the counts only.
 
 It connects over QUIC with the credentials of the node.toml it is given (the identity that
 node uses, so it is trusted like that node) from an ephemeral local UDP port. The report is
@@ -24,14 +33,34 @@ the asked node's view as it has applied it; the leader field is that node's best
 Options:
   --config FILE    a node.toml of the cluster
   --node N         the node to ask (default: the config's own node)
+  --prefix P       list only keys that start with P
+  --after KEY      list only keys after KEY (the next page)
+  --limit N        list at most N keys (default 50; 0: counts only)
   --json           print the report as JSON, for scripts
   --timeout-ms T   how long to wait for the answer (default 3000)",
-    flags: &[value("--config"), value("--node"), switch("--json"), value("--timeout-ms")],
+    flags: &[
+        value("--config"),
+        value("--node"),
+        value("--prefix"),
+        value("--after"),
+        value("--limit"),
+        switch("--json"),
+        value("--timeout-ms"),
+    ],
 };
 
 pub fn status(args: &Parsed) -> Result<(), CliError> {
     let (config, target, addr, timeout) = target(args, DEFAULT_TIMEOUT_MS)?;
-    let report = runtime()?.block_on(ask(&config, target, addr, timeout))?;
+    let mut query =
+        KeyQuery::summary().limit(args.number("--limit", 0, u32::MAX)?.unwrap_or(DEFAULT_KEYS));
+    if let Some(prefix) = args.get("--prefix") {
+        query = query.with_prefix(prefix);
+    }
+    if let Some(after) = args.get("--after") {
+        let key = Key::new(after).map_err(|e| args.error(format!("--after: {e}")))?;
+        query = query.after(key);
+    }
+    let report = runtime()?.block_on(ask(&config, target, addr, timeout, query))?;
     if args.switch("--json") {
         let json = serde_json::to_string_pretty(&report)
             .map_err(|e| CliError::failed(format!("cannot encode the report as JSON: {e}")))?;
@@ -48,8 +77,9 @@ pub(crate) async fn ask(
     target: NodeId,
     addr: SocketAddr,
     timeout: Duration,
+    query: KeyQuery,
 ) -> Result<StatusReport, CliError> {
-    match request(config, target, addr, timeout, Request::Status).await? {
+    match request(config, target, addr, timeout, Request::Status(query)).await? {
         Response::Status(report) => Ok(*report),
         other => Err(CliError::failed(format!(
             "node {} at {addr} sent an unexpected answer: {other:?}",
@@ -192,7 +222,11 @@ pub fn render(report: &StatusReport, addr: SocketAddr) -> String {
         out.push_str(&table(Some(&["SESSION", "NODE", "TTL", "OWNS"]), &rows));
     }
 
-    out.push_str(&format!("\nkeys: {}\n", report.keys.len()));
+    let sum = &report.key_summary;
+    out.push_str(&format!(
+        "\nkeys: {} ({} slots: {} owned, {} vacant, {} moving; {} messages queued, {} bytes)\n",
+        sum.keys, sum.slots, sum.owned, sum.vacant, sum.moving, sum.queued, sum.queued_bytes
+    ));
     if !report.keys.is_empty() {
         let mut rows = Vec::new();
         for key in &report.keys {
@@ -228,6 +262,12 @@ pub fn render(report: &StatusReport, addr: SocketAddr) -> String {
         let headers =
             ["KEY", "KIND", "SLOT", "OWNER", "TOKEN", "SESSION", "QUEUED", "BYTES", "CANDIDATES"];
         out.push_str(&table(Some(&headers), &rows));
+    }
+    if let Some(after) = &report.next_after {
+        out.push_str(&format!(
+            "  more keys follow: --after {} for the next page, --prefix to narrow\n",
+            display_key(after.as_str())
+        ));
     }
     let schedules = report.keys.iter().filter(|k| k.schedule.is_some()).count();
     if schedules > 0 {

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{highlander, s};
-use highlander::core::wire::{Request, Response, StatusReport};
+use highlander::core::wire::{KeyQuery, Request, Response, StatusReport};
 use highlander::core::{BoxFuture, RequestHandler};
 use highlander::quic::{ClusterSecret, Identity, QuicConfig, QuicTransport};
 use highlander::{NodeId, Transport};
@@ -127,7 +127,7 @@ impl RequestHandler for Reporter {
         let id = self.0;
         Box::pin(async move {
             match request {
-                Request::Status => Response::Status(Box::new(StatusReport {
+                Request::Status(_) => Response::Status(Box::new(StatusReport {
                     node: Some(id),
                     ..StatusReport::default()
                 })),
@@ -200,11 +200,13 @@ async fn certs_made_by_the_command_secure_quic_and_another_ca_is_refused() {
     let peers = BTreeMap::from([(NodeId(1), a1), (NodeId(2), a2)]);
     let t1 = transport(1, s1, &peers, pem(&nodes, 1));
     let t2 = transport(2, s2, &peers, pem(&nodes, 2));
-    match t1.request(NodeId(2), Request::Status, Duration::from_secs(5)).await {
+    match t1.request(NodeId(2), Request::Status(KeyQuery::default()), Duration::from_secs(5)).await
+    {
         Ok(Response::Status(r)) => assert_eq!(r.node, Some(NodeId(2))),
         other => panic!("node 1 could not ask node 2: {other:?}"),
     }
-    match t2.request(NodeId(1), Request::Status, Duration::from_secs(5)).await {
+    match t2.request(NodeId(1), Request::Status(KeyQuery::default()), Duration::from_secs(5)).await
+    {
         Ok(Response::Status(r)) => assert_eq!(r.node, Some(NodeId(1))),
         other => panic!("node 2 could not ask node 1: {other:?}"),
     }
@@ -214,13 +216,17 @@ async fn certs_made_by_the_command_secure_quic_and_another_ca_is_refused() {
     let stranger_peers = BTreeMap::from([(NodeId(1), a4), (NodeId(2), a3)]);
     let stranger = transport(2, s3, &stranger_peers, pem(&other, 2));
     let honest = transport(1, s4, &stranger_peers, pem(&nodes, 1));
-    let refused = honest.request(NodeId(2), Request::Status, Duration::from_secs(5)).await;
+    let refused = honest
+        .request(NodeId(2), Request::Status(KeyQuery::default()), Duration::from_secs(5))
+        .await;
     assert!(refused.is_err(), "a server from another CA answered: {refused:?}");
     // ... and a node 1 from another CA is refused by the honest node 2.
     let (s5, a5) = loopback();
     let client_peers = BTreeMap::from([(NodeId(1), a5), (NodeId(2), a2)]);
     let impostor = transport(1, s5, &client_peers, pem(&other, 1));
-    let refused = impostor.request(NodeId(2), Request::Status, Duration::from_secs(5)).await;
+    let refused = impostor
+        .request(NodeId(2), Request::Status(KeyQuery::default()), Duration::from_secs(5))
+        .await;
     assert!(refused.is_err(), "a client from another CA was served: {refused:?}");
 
     for t in [t1, t2, stranger, honest, impostor] {

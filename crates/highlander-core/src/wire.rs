@@ -8,7 +8,7 @@ use crate::{JobId, Key, NodeId, Payload, SessionId, Token};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version, carried in the transport handshake (ALPN for QUIC).
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// A request from one node to another.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,8 +34,9 @@ pub enum Request {
         /// learns from it how the nodes' clocks differ, for the cluster's time of day.
         wall_ms: u64,
     },
-    /// A report of what the receiving node knows.
-    Status,
+    /// A report of what the receiving node knows, with the keys `query` selects (the
+    /// summary covers every key).
+    Status(KeyQuery),
     /// Are you there? Answered with [`Response::Pong`]; a node that hears no peer probes
     /// with it whether its own messages get answers.
     Ping,
@@ -418,8 +419,13 @@ pub struct StatusReport {
     pub warnings: Vec<String>,
     /// Live sessions.
     pub sessions: Vec<SessionReport>,
-    /// Keys, their owners and queue depths.
+    /// Counts over every key, whatever the query listed.
+    pub key_summary: KeySummary,
+    /// The keys the query selected, in key order: their owners and queue depths.
     pub keys: Vec<KeyReport>,
+    /// Set when more keys match than were listed: pass it as [`KeyQuery::after`] for the next
+    /// page (it is the last key listed; never set when the query listed none).
+    pub next_after: Option<Key>,
     /// Job queues and their depths.
     pub queues: Vec<QueueReport>,
 }
@@ -446,6 +452,81 @@ pub struct NetworkReport {
     pub observed_rtt_ms: Option<u64>,
     /// Raft and keepalive requests that timed out recently.
     pub recent_timeouts: u64,
+}
+
+/// Which keys a [`StatusReport`] lists: at most `limit` keys, in key order, that start with
+/// `prefix` and come after `after`. With 100,000 keys a full list is megabytes; the summary
+/// ([`KeySummary`]) is always there, so a report that lists nothing still says how many keys
+/// are owned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyQuery {
+    /// Only keys that start with this text.
+    pub prefix: Option<String>,
+    /// Only keys after this one (the previous page's [`StatusReport::next_after`]).
+    pub after: Option<Key>,
+    /// At most this many keys (0: the summary only).
+    pub limit: u32,
+}
+
+impl KeyQuery {
+    /// How many keys a default query lists.
+    pub const DEFAULT_LIMIT: u32 = 1000;
+
+    /// The summary only, no keys.
+    pub fn summary() -> KeyQuery {
+        KeyQuery { prefix: None, after: None, limit: 0 }
+    }
+
+    /// Every key (costs the size of the state: for tools and tests, not for polling).
+    pub fn all() -> KeyQuery {
+        KeyQuery { prefix: None, after: None, limit: u32::MAX }
+    }
+
+    /// Only keys that start with `prefix`.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> KeyQuery {
+        self.prefix = Some(prefix.into());
+        self
+    }
+
+    /// Only keys after `key`.
+    pub fn after(mut self, key: Key) -> KeyQuery {
+        self.after = Some(key);
+        self
+    }
+
+    /// At most `limit` keys.
+    pub fn limit(mut self, limit: u32) -> KeyQuery {
+        self.limit = limit;
+        self
+    }
+}
+
+impl Default for KeyQuery {
+    /// The first [`KeyQuery::DEFAULT_LIMIT`] keys.
+    fn default() -> KeyQuery {
+        KeyQuery { prefix: None, after: None, limit: KeyQuery::DEFAULT_LIMIT }
+    }
+}
+
+/// Counts over every key of the state, in a [`StatusReport`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySummary {
+    /// Keys (registered, or holding messages).
+    pub keys: u64,
+    /// Their slots.
+    pub slots: u64,
+    /// Slots with an owner.
+    pub owned: u64,
+    /// Slots without one.
+    pub vacant: u64,
+    /// Owned slots the leader asked to move.
+    pub moving: u64,
+    /// Messages queued and not yet acknowledged.
+    pub queued: u64,
+    /// Their payload bytes.
+    pub queued_bytes: u64,
+    /// Schedule keys.
+    pub schedules: u64,
 }
 
 /// One live session in a [`StatusReport`].
@@ -530,10 +611,65 @@ pub struct OwnerReport {
 }
 
 impl crate::state::ClusterState {
-    /// Describes the state for a [`StatusReport`] (sessions and keys).
+    /// Describes the state for a [`StatusReport`]: sessions and every key.
     pub fn report(&self) -> (Vec<SessionReport>, Vec<KeyReport>) {
-        let sessions = self
-            .sessions
+        let (keys, _, _) = self.key_reports(&KeyQuery::all());
+        (self.session_reports(), keys)
+    }
+
+    /// Counts over every key.
+    pub fn key_summary(&self) -> KeySummary {
+        let mut sum = KeySummary { keys: self.keys.len() as u64, ..KeySummary::default() };
+        for k in self.keys.values() {
+            sum.slots += k.slots.len() as u64;
+            for o in &k.slots {
+                match o {
+                    Some(o) => {
+                        sum.owned += 1;
+                        sum.moving += u64::from(o.moving);
+                    }
+                    None => sum.vacant += 1,
+                }
+            }
+            sum.queued += k.queue.messages.len() as u64;
+            sum.queued_bytes += k.queue.bytes;
+            sum.schedules += u64::from(k.schedule.is_some());
+        }
+        sum
+    }
+
+    /// The keys `query` selects, the summary over all keys, and where the next page starts
+    /// if more keys match. Costs the keys listed plus a pass for the summary.
+    pub fn key_reports(&self, query: &KeyQuery) -> (Vec<KeyReport>, KeySummary, Option<Key>) {
+        use std::ops::Bound;
+        let prefix = query.prefix.as_deref().unwrap_or("");
+        let start = match &query.after {
+            Some(after) => Bound::Excluded(after.clone()),
+            None => match Key::new(prefix) {
+                Ok(k) => Bound::Included(k),
+                Err(_) => Bound::Unbounded,
+            },
+        };
+        let mut matching = self
+            .keys
+            .range((start, Bound::Unbounded))
+            .skip_while(|(k, _)| k.as_str() < prefix)
+            .take_while(|(k, _)| k.as_str().starts_with(prefix));
+        let keys: Vec<KeyReport> = matching
+            .by_ref()
+            .take(query.limit as usize)
+            .map(|(key, k)| self.key_report(key, k))
+            .collect();
+        let next_after = match matching.next() {
+            Some(_) => keys.last().map(|r| r.key.clone()),
+            None => None,
+        };
+        (keys, self.key_summary(), next_after)
+    }
+
+    /// Describes the live sessions.
+    pub fn session_reports(&self) -> Vec<SessionReport> {
+        self.sessions
             .values()
             .map(|s| SessionReport {
                 session: s.id,
@@ -542,44 +678,42 @@ impl crate::state::ClusterState {
                 owned: s.owned.len(),
                 superseded: self.is_superseded(s.id),
             })
-            .collect();
+            .collect()
+    }
+
+    fn key_report(&self, key: &Key, k: &crate::state::KeyState) -> KeyReport {
         let node_of = |id: &SessionId| self.sessions.get(id).map(|s| s.node());
-        let keys = self
-            .keys
-            .iter()
-            .map(|(key, k)| KeyReport {
-                key: key.clone(),
-                spec: k.spec,
-                owners: k
-                    .slots
-                    .iter()
-                    .map(|o| {
-                        o.and_then(|o| {
-                            node_of(&o.session).map(|node| OwnerReport {
-                                node,
-                                session: o.session,
-                                token: o.token,
-                            })
+        KeyReport {
+            key: key.clone(),
+            spec: k.spec,
+            owners: k
+                .slots
+                .iter()
+                .map(|o| {
+                    o.and_then(|o| {
+                        node_of(&o.session).map(|node| OwnerReport {
+                            node,
+                            session: o.session,
+                            token: o.token,
                         })
                     })
-                    .collect(),
-                candidates: k.candidates.iter().filter_map(node_of).collect(),
-                queued: k.queue.messages.len() as u64,
-                queued_bytes: k.queue.bytes,
-                schedule: k.schedule.as_ref().map(|s| ScheduleReport {
-                    spec: s.spec.clone(),
-                    paused: s.paused,
-                    last_fired: s.last_fired,
-                    mark_ms: s.mark_ms(),
-                    tzdb: s.tzdb.clone(),
-                    pending: s.pending.iter().map(|(r, p)| (*r, p.clone())).collect(),
-                    counts: s.counts,
-                    recent: s.recent.iter().cloned().collect(),
-                    next: Vec::new(),
-                }),
-            })
-            .collect();
-        (sessions, keys)
+                })
+                .collect(),
+            candidates: k.candidates.iter().filter_map(node_of).collect(),
+            queued: k.queue.messages.len() as u64,
+            queued_bytes: k.queue.bytes,
+            schedule: k.schedule.as_ref().map(|s| ScheduleReport {
+                spec: s.spec.clone(),
+                paused: s.paused,
+                last_fired: s.last_fired,
+                mark_ms: s.mark_ms(),
+                tzdb: s.tzdb.clone(),
+                pending: s.pending.iter().map(|(r, p)| (*r, p.clone())).collect(),
+                counts: s.counts,
+                recent: s.recent.iter().cloned().collect(),
+                next: Vec::new(),
+            }),
+        }
     }
 }
 

@@ -4,8 +4,8 @@
 use highlander_core::codec;
 use highlander_core::state::ClusterState;
 use highlander_core::wire::{
-    HelloReply, KeepAliveReply, MembershipReport, MembershipRequest, Phase, RaftMessage, Request,
-    Response, ScheduleOp, StatusReport, WriteRefusal,
+    HelloReply, KeepAliveReply, KeyQuery, MembershipReport, MembershipRequest, Phase, RaftMessage,
+    Request, Response, ScheduleOp, StatusReport, WriteRefusal,
 };
 use highlander_core::{
     Batch, ClientId, Command, Key, KeySpec, LeaseTerms, Limits, NodeId, Outcome, Payload,
@@ -30,7 +30,8 @@ fn requests() -> Vec<Request> {
     let client = ClientId { node: NodeId(2), incarnation: 7 };
     vec![
         Request::Ping,
-        Request::Status,
+        Request::Status(KeyQuery::default()),
+        Request::Status(KeyQuery::default().with_prefix("tenant:").after(key.clone()).limit(7)),
         Request::Hello,
         Request::KeepAlive { session: SessionId(3), lapsed_ms: 0, wall_ms: 1_767_225_600_000 },
         Request::Membership(MembershipRequest::Join { member: 1 << 63 }),

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use highlander_core::wire::{RaftMessage, Request, Response};
+use highlander_core::wire::{KeyQuery, RaftMessage, Request, Response};
 use highlander_core::{NodeId, Payload, Transport, TransportError};
 use highlander_quic::{
     ClusterSecret, ConfigError, Identity, QuicConfig, QuicError, QuicTransport, SecretError,
@@ -56,7 +56,7 @@ async fn three_nodes_round_trip() {
         assert_eq!(resp.unwrap(), Response::Raft(Payload::from(i.to_be_bytes().to_vec())));
     }
     assert!(matches!(
-        nodes[1].t.request(NodeId(3), Request::Status, T).await.unwrap(),
+        nodes[1].t.request(NodeId(3), Request::Status(KeyQuery::default()), T).await.unwrap(),
         Response::Status(r) if r.node == Some(NodeId(3))
     ));
     for n in &nodes {

@@ -7,8 +7,8 @@ use crate::network::{LinkFaults, SimNetwork};
 use highlander::core::BoxFuture;
 use highlander::wal::{CrashMode, SimFs};
 use highlander::{
-    DiskStorage, EnqueueOptions, Error, JobId, Key, Limits, MemStorage, Node, NodeId, Observer,
-    Payload, Seq, StatusReport, Storage, TickOrigin, Timing, Token, WallClock,
+    DiskStorage, EnqueueOptions, Error, JobId, Key, KeyQuery, Limits, MemStorage, Node, NodeId,
+    Observer, Payload, Seq, StatusReport, Storage, TickOrigin, Timing, Token, WallClock,
 };
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -537,7 +537,7 @@ impl SimCluster {
             .nodes
             .values()
             .filter_map(|n| n.node.as_ref())
-            .max_by_key(|n| n.status().applied_index)?;
+            .max_by_key(|n| n.status_with(&KeyQuery::summary()).applied_index)?;
         node.job(job)
     }
 
@@ -557,19 +557,28 @@ impl SimCluster {
         }
     }
 
-    /// The newest status among running nodes (the one that applied the most).
+    /// The newest status among running nodes (the one that applied the most), with its first
+    /// [`KeyQuery::DEFAULT_LIMIT`] keys.
     pub fn status(&self) -> Option<StatusReport> {
-        self.nodes
+        self.status_with(&KeyQuery::default())
+    }
+
+    /// The newest status among running nodes, listing the keys `query` selects.
+    pub fn status_with(&self, query: &KeyQuery) -> Option<StatusReport> {
+        let newest = self
+            .nodes
             .values()
             .filter_map(|n| n.node.as_ref())
-            .map(|n| n.status())
-            .max_by_key(|s| s.applied_index)
+            .max_by_key(|n| n.status_with(&KeyQuery::summary()).applied_index)?;
+        Some(newest.status_with(query))
     }
 
     /// The owner (node, token) of each slot of `key`, as the most up-to-date running node has
     /// applied it.
     pub fn owners(&self, key: &str) -> Vec<Option<(NodeId, Token)>> {
-        let Some(status) = self.status() else { return Vec::new() };
+        // The key is the first one with its own name as prefix.
+        let query = KeyQuery::default().with_prefix(key).limit(1);
+        let Some(status) = self.status_with(&query) else { return Vec::new() };
         status
             .keys
             .iter()

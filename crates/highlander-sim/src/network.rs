@@ -851,7 +851,7 @@ mod tests {
                     Request::Raft { message: RaftMessage::AppendEntries(p), .. } => {
                         Response::Raft(p)
                     }
-                    Request::Status => Response::Status(Box::new(StatusReport {
+                    Request::Status(_) => Response::Status(Box::new(StatusReport {
                         node: Some(id),
                         ..StatusReport::default()
                     })),
@@ -919,7 +919,9 @@ mod tests {
         assert!(rtt >= Duration::from_micros(200) && rtt <= Duration::from_millis(2), "{rtt:?}");
         assert_eq!(b_calls.lock().unwrap()[0].0, A);
 
-        let Ok(Response::Status(report)) = b.request(A, Request::Status, T).await else {
+        let Ok(Response::Status(report)) =
+            b.request(A, Request::Status(highlander_core::wire::KeyQuery::default()), T).await
+        else {
             panic!("no status");
         };
         assert_eq!(report.node, Some(A));

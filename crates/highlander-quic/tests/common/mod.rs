@@ -35,7 +35,7 @@ impl RequestHandler for Echo {
             Request::Raft { message: RaftMessage::Snapshot(_), .. } => "snapshot",
             Request::Write(_) => "write",
             Request::KeepAlive { .. } => "keepalive",
-            Request::Status => "status",
+            Request::Status(_) => "status",
             Request::Ping => "ping",
             Request::Hello => "hello",
             Request::Membership(_) => "membership",
@@ -60,7 +60,7 @@ impl RequestHandler for Echo {
                     Response::KeepAlive(KeepAliveReply::Renewed { cluster_ms: None })
                 }
                 Request::Ping => Response::Pong,
-                Request::Status => Response::Status(Box::new(StatusReport {
+                Request::Status(_) => Response::Status(Box::new(StatusReport {
                     node: Some(id),
                     ..Default::default()
                 })),
