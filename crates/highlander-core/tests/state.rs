@@ -1072,3 +1072,51 @@ fn the_token_invariant_check_catches_an_unnamed_end() {
     // Nothing ended: nothing to name.
     ClusterState::ownerships_ended_by_name(&st, &st, &unregister_cmd(a, "k")).unwrap();
 }
+
+#[test]
+fn a_status_page_lists_keys_in_order_by_prefix_and_says_where_the_next_starts() {
+    use highlander_core::wire::KeyQuery;
+    let mut st = ClusterState::new();
+    let a = open(&mut st, 1, 1, 0);
+    for name in ["a", "t:1", "t:2", "t:3", "u"] {
+        register(&mut st, a, name, KeySpec::singleton());
+    }
+    assign(&mut st, "t:2", 0, a);
+    let names = |q: &KeyQuery| -> (Vec<String>, Option<String>) {
+        let (keys, _, next) = st.key_reports(q);
+        (keys.iter().map(|k| k.key.to_string()).collect(), next.map(|k| k.to_string()))
+    };
+    assert_eq!(names(&KeyQuery::all()).0, ["a", "t:1", "t:2", "t:3", "u"]);
+    let first = KeyQuery::default().with_prefix("t:").limit(2);
+    assert_eq!(names(&first), (vec!["t:1".into(), "t:2".into()], Some("t:2".into())));
+    let second = first.clone().after(key("t:2"));
+    assert_eq!(names(&second), (vec!["t:3".into()], None));
+    // An `after` before the prefix starts at the prefix; one past it lists nothing.
+    assert_eq!(names(&first.clone().after(key("a"))).0, ["t:1", "t:2"]);
+    assert_eq!(names(&first.after(key("t:9"))), (vec![], None));
+    // The summary counts every key, whatever is listed.
+    let (keys, sum, next) = st.key_reports(&KeyQuery::summary());
+    assert!(keys.is_empty() && next.is_none());
+    assert_eq!((sum.keys, sum.slots, sum.owned, sum.vacant, sum.moving), (5, 5, 1, 4, 0));
+}
+
+#[test]
+fn a_session_end_touches_every_key_it_registered_or_owned() {
+    let mut st = ClusterState::new();
+    let a = open(&mut st, 1, 1, 0);
+    let b = open(&mut st, 2, 1, 0);
+    register(&mut st, a, "x", KeySpec::singleton());
+    register(&mut st, a, "y", KeySpec::singleton());
+    register(&mut st, b, "z", KeySpec::singleton());
+    assign(&mut st, "x", 0, a);
+    let touched = |c: &Command| {
+        let mut out = std::collections::BTreeSet::new();
+        st.keys_touched_by(c, &mut out);
+        out.into_iter().map(|k| k.to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(touched(&Command::ExpireSession { session: a, term: 0 }), ["x", "y"]);
+    assert_eq!(touched(&Command::CloseSession { session: b }), ["z"]);
+    // A new process of node 1 on the same storage ends session a.
+    assert_eq!(touched(&open_on(1, 2, 0, disk(1))), ["x", "y"]);
+    assert_eq!(touched(&assign_cmd("y", 0, a)), ["y"]);
+}
