@@ -474,7 +474,7 @@ impl Model {
             st.total_bytes += k.bytes();
             let state = KeyState {
                 spec: k.spec,
-                candidates: k.candidates.clone(),
+                candidates: k.candidates.iter().copied().collect(),
                 slots: k.slots.clone(),
                 handed_over_by: k.handed_over_by.clone(),
                 queue,

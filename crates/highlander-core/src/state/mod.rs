@@ -10,12 +10,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 mod jobs;
 mod schedules;
+mod session_set;
 
 pub use jobs::{Job, JobClaim, JobError, JobQueue, JobTable, MAX_CLAIM, MAX_JOB_ERRORS, Partition};
 pub use schedules::{
     FireOutcome, FireRecord, MAX_ERROR_BYTES, MAX_PENDING, PendingTick, RECENT_FIRES,
     ScheduleCounts, ScheduleState, TickRun,
 };
+pub use session_set::SessionSet;
 
 /// A live session.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,7 +104,7 @@ pub struct KeyState {
     /// How the key runs.
     pub spec: KeySpec,
     /// Sessions that registered the key.
-    pub candidates: BTreeSet<SessionId>,
+    pub candidates: SessionSet,
     /// One entry per slot: the owner, or `None` if vacant.
     pub slots: Vec<Option<Owner>>,
     /// Per slot, the session that last handed it over, which the planner avoids if it can.
@@ -543,7 +545,7 @@ impl ClusterState {
         session: SessionId,
         schedule: Option<ScheduleState>,
     ) {
-        let mut candidates = BTreeSet::new();
+        let mut candidates = SessionSet::new();
         candidates.insert(session);
         self.keys.insert(
             key.clone(),
