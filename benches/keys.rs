@@ -300,11 +300,10 @@ async fn main() -> Result<()> {
         Err(_) => vec![10_000, 100_000],
     };
     println!(
-        "| keys | snapshot B/key | heap B/key | plan pass | registered | owned | RSS/key | send p50 / p99 before | send p50 / p99 with the keys |"
+        "| keys | snapshot B/key | heap B/key | plan pass | registered | owned | spread | RSS/key \
+         | send p50 / p99 before | send p50 / p99 with the keys |"
     );
-    println!(
-        "| ---- | -------------- | ---------- | --------- | ---------- | ----- | ------- | --------------------- | ---------------------------- |"
-    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for n in sizes {
         let (snapshot, heap, plan_pass) = state_figures(n)?;
         let c = cluster_figures(n).await?;
