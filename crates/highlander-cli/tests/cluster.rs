@@ -147,6 +147,26 @@ async fn status_shows_owners_tokens_and_queues_and_names_a_stopped_node() {
     let json: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert!(json["keys"].as_array().is_some_and(|k| k.len() == 2), "{json}");
 
+    // Pages and prefixes: the counts cover every key, the listing what was asked.
+    let r = highlander_async(&["status", "--config", config1, "--limit", "1"]).await.expect(0);
+    assert!(r.stdout.contains("keys: 2 (3 slots: 3 owned, 0 vacant"), "{r:?}");
+    assert!(r.stdout.contains("more keys follow: --after pair"), "{r:?}");
+    assert!(!r.stdout.lines().any(|l| l.trim_start().starts_with("report ")), "{r:?}");
+    let r = highlander_async(&["status", "--config", config1, "--after", "pair", "--json"])
+        .await
+        .expect(0);
+    let page: StatusReport = serde_json::from_str(&r.stdout).expect("the page as JSON");
+    let names: Vec<&str> = page.keys.iter().map(|k| k.key.as_str()).collect();
+    assert_eq!((names, page.next_after), (vec!["report"], None));
+    let r = highlander_async(&["status", "--config", config1, "--prefix", "pa", "--json"])
+        .await
+        .expect(0);
+    let page: StatusReport = serde_json::from_str(&r.stdout).expect("the page as JSON");
+    assert_eq!(page.keys.iter().map(|k| k.key.as_str()).collect::<Vec<_>>(), ["pair"]);
+    assert_eq!(page.key_summary.keys, 2);
+    let r = highlander_async(&["status", "--config", config1, "--limit", "x"]).await.expect(2);
+    assert!(r.stderr.contains("--limit"), "{r:?}");
+
     // A node that is not there: one clear line, exit 1.
     c.nodes[&NodeId(3)].shutdown().await;
     let r =
