@@ -21,64 +21,14 @@
 //!   time from the kill to the job's handler starting on another node, against the session
 //!   TTL + 100 ms.
 
-use highlander::quic::{ClusterSecret, Identity, QuicConfig, QuicTransport};
+mod common;
+
+use common::{Result, applied, env_number, ms, percentile, start_three};
 use highlander::{EnqueueOptions, JobContext, JobId, Node, NodeId, Timing, WorkerOptions};
 use std::collections::BTreeMap;
-use std::error::Error;
-use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-type Result<T> = std::result::Result<T, Box<dyn Error>>;
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
-}
-
-async fn start(dir: &std::path::Path) -> Result<BTreeMap<NodeId, Node>> {
-    let secret = ClusterSecret::generate()?;
-    let sockets: Vec<UdpSocket> =
-        (0..3).map(|_| UdpSocket::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
-    let peers: BTreeMap<NodeId, SocketAddr> = sockets
-        .iter()
-        .enumerate()
-        .map(|(i, s)| Ok((NodeId(i as u64 + 1), s.local_addr()?)))
-        .collect::<std::io::Result<_>>()?;
-    let mut nodes = BTreeMap::new();
-    for (id, socket) in peers.keys().copied().zip(sockets) {
-        let config =
-            QuicConfig::new(id, peers[&id], peers.clone(), Identity::ClusterSecret(secret.clone()));
-        let node = Node::builder()
-            .id(id)
-            .peers(peers.keys().copied())
-            .transport(QuicTransport::from_socket(config, socket)?)
-            .timing(Timing::default())
-            .data_dir(dir.join(format!("n{}", id.0)))
-            .start()
-            .await?;
-        nodes.insert(id, node);
-    }
-    for node in nodes.values() {
-        node.ready(Duration::from_secs(20)).await?;
-    }
-    Ok(nodes)
-}
-
-fn applied(nodes: &BTreeMap<NodeId, Node>) -> u64 {
-    nodes.values().map(|n| n.status().applied_index).max().unwrap_or(0)
-}
 
 /// When each job's handler first started, and where.
 #[derive(Default)]
@@ -101,7 +51,7 @@ async fn main() -> Result<()> {
     let total = env_number("HIGHLANDER_BENCH_JOBS", 60_000);
     let producers = env_number("HIGHLANDER_BENCH_PRODUCERS", 256);
     let dir = tempfile::tempdir()?;
-    let mut nodes = start(dir.path()).await?;
+    let mut nodes = start_three(dir.path()).await?;
     let done = Arc::new(AtomicU64::new(0));
     let starts = Arc::new(Starts::default());
     for node in nodes.values() {

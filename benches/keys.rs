@@ -33,17 +33,14 @@ use highlander::core::{
     ClientId, Command, Key, KeySpec, LeaseTable, LeaseTerms, Limits, Millis, Outcome, SessionId,
     plan,
 };
-use highlander::quic::{ClusterSecret, Identity, QuicConfig, QuicTransport};
-use highlander::{KeyQuery, Node, NodeId, Timing};
+mod common;
+
+use common::{Result, ms, percentile, start_three};
+use highlander::{KeyQuery, Node, NodeId};
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::BTreeMap;
-use std::error::Error;
-use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
 /// Counts live heap bytes, so the state's footprint is measured, not estimated.
 struct Counting;
@@ -71,17 +68,6 @@ static ALLOCATOR: Counting = Counting;
 
 fn key_name(i: usize) -> String {
     format!("tenant:{i:06}")
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
 fn rss_bytes() -> u64 {
@@ -150,35 +136,6 @@ fn state_figures(n: usize) -> Result<(f64, f64, Duration)> {
     Ok((snapshot, heap, percentile(&times, 0.5)))
 }
 
-async fn start(dir: &std::path::Path) -> Result<BTreeMap<NodeId, Node>> {
-    let secret = ClusterSecret::generate()?;
-    let sockets: Vec<UdpSocket> =
-        (0..3).map(|_| UdpSocket::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
-    let peers: BTreeMap<NodeId, SocketAddr> = sockets
-        .iter()
-        .enumerate()
-        .map(|(i, s)| Ok((NodeId(i as u64 + 1), s.local_addr()?)))
-        .collect::<std::io::Result<_>>()?;
-    let mut nodes = BTreeMap::new();
-    for (id, socket) in peers.keys().copied().zip(sockets) {
-        let config =
-            QuicConfig::new(id, peers[&id], peers.clone(), Identity::ClusterSecret(secret.clone()));
-        let node = Node::builder()
-            .id(id)
-            .peers(peers.keys().copied())
-            .transport(QuicTransport::from_socket(config, socket)?)
-            .timing(Timing::default())
-            .data_dir(dir.join(format!("n{}", id.0)))
-            .start()
-            .await?;
-        nodes.insert(id, node);
-    }
-    for node in nodes.values() {
-        node.ready(Duration::from_secs(20)).await?;
-    }
-    Ok(nodes)
-}
-
 /// How many sends the "with the keys" figure takes (`HIGHLANDER_BENCH_SENDS`, default 2,000;
 /// more to profile that phase).
 fn sends_after() -> usize {
@@ -208,7 +165,7 @@ struct ClusterFigures {
 
 async fn cluster_figures(n: usize) -> Result<ClusterFigures> {
     let dir = tempfile::tempdir()?;
-    let nodes = start(dir.path()).await?;
+    let nodes = start_three(dir.path()).await?;
     let started = Arc::new(AtomicU64::new(0));
     for node in nodes.values() {
         node.singleton("busy", |mut ctx| async move {

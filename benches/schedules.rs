@@ -19,15 +19,13 @@
 //!   after the kill to the first run on another node (the session TTL, as ticks missed
 //!   meanwhile follow the catch-up policy), and whether every one of them moved.
 
-use highlander::quic::{ClusterSecret, Identity, QuicConfig, QuicTransport};
-use highlander::{Node, NodeId, Timing};
+mod common;
+
+use common::{Result, applied, env_number, start_three};
+use highlander::{Node, NodeId};
 use std::collections::{BTreeMap, BTreeSet};
-use std::error::Error;
-use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
 /// One run: schedule index, tick, start (ms since the epoch), node.
 type Run = (usize, u64, u64, NodeId);
@@ -54,49 +52,12 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-async fn start(dir: &std::path::Path) -> Result<BTreeMap<NodeId, Node>> {
-    let secret = ClusterSecret::generate()?;
-    let sockets: Vec<UdpSocket> =
-        (0..3).map(|_| UdpSocket::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
-    let peers: BTreeMap<NodeId, SocketAddr> = sockets
-        .iter()
-        .enumerate()
-        .map(|(i, s)| Ok((NodeId(i as u64 + 1), s.local_addr()?)))
-        .collect::<std::io::Result<_>>()?;
-    let mut nodes = BTreeMap::new();
-    for (id, socket) in peers.keys().copied().zip(sockets) {
-        let config =
-            QuicConfig::new(id, peers[&id], peers.clone(), Identity::ClusterSecret(secret.clone()));
-        let node = Node::builder()
-            .id(id)
-            .peers(peers.keys().copied())
-            .transport(QuicTransport::from_socket(config, socket)?)
-            .timing(Timing::default())
-            .data_dir(dir.join(format!("n{}", id.0)))
-            .start()
-            .await?;
-        nodes.insert(id, node);
-    }
-    for node in nodes.values() {
-        node.ready(Duration::from_secs(20)).await?;
-    }
-    Ok(nodes)
-}
-
-fn applied(nodes: &BTreeMap<NodeId, Node>) -> u64 {
-    nodes.values().map(|n| n.status().applied_index).max().unwrap_or(0)
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let count = env_number("HIGHLANDER_BENCH_SCHEDULES", 1000) as usize;
     let window = Duration::from_secs(env_number("HIGHLANDER_BENCH_SECS", 30));
     let dir = tempfile::tempdir()?;
-    let mut nodes = start(dir.path()).await?;
+    let mut nodes = start_three(dir.path()).await?;
     let runs = Arc::new(Mutex::new(Vec::<Run>::new()));
     for node in nodes.values() {
         for i in 0..count {

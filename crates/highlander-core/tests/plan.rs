@@ -591,22 +591,7 @@ fn spreading_converges_through_the_owners_releases_and_then_stops() {
             break;
         }
         apply_plan(&mut st, &commands);
-        // The owner stops its task, then releases what it was asked to hand over.
-        let asked: Vec<(Key, u32, Token)> = st
-            .keys
-            .iter()
-            .flat_map(|(k, ks)| {
-                ks.slots.iter().enumerate().filter_map(move |(i, o)| {
-                    o.filter(|o| o.moving).map(|o| (k.clone(), i as u32, o.token))
-                })
-            })
-            .collect();
-        for (key, slot, token) in asked {
-            assert_eq!(
-                st.apply(&Command::Release { key, slot, token, hand_over: true }),
-                Outcome::Released
-            );
-        }
+        release_moving(&mut st);
     }
     let loads: Vec<usize> = s.iter().map(|id| st.sessions[id].owned.len()).collect();
     assert_eq!(loads, vec![2, 2, 2], "spread evenly");
