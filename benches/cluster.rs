@@ -20,11 +20,17 @@
 //!   the first `started` line of the new owner, with the standard timing (TTL 2 s) and with
 //!   `Timing::fast()` (TTL 500 ms); the killed node is restarted on its data directory after
 //!   every repetition.
+//! - **Learners**: nine `node` processes, the first 3 voting and 6 learners (`--voters 3`),
+//!   standard timing: SIGKILL of the owner (every process registers the key, so it may be a
+//!   learner or a voter) → the first `started` line of another; the figures are split by
+//!   whether the killed owner was a learner. The killed process restarts on its data
+//!   directory every time.
 //!
 //! Environment: `HIGHLANDER_BENCH_QUICK=1` (1 s windows, 5 repetitions),
 //! `HIGHLANDER_BENCH_SECS` (measurement window, default 3), `HIGHLANDER_BENCH_REPS`
 //! (hand-over and crash repetitions, default 20), `HIGHLANDER_BENCH_ONLY` (a comma-separated
-//! subset of `throughput,handover,crash`), `HIGHLANDER_BENCH_STORAGE` (`memory,disk`).
+//! subset of `throughput,handover,crash,learners`), `HIGHLANDER_BENCH_STORAGE`
+//! (`memory,disk`).
 //!
 //! The output is a table for people and, last, one JSON line for scripts.
 
@@ -82,9 +88,9 @@ impl Settings {
                 .filter(|s| !s.is_empty())
                 .collect()
         };
-        let only = list("HIGHLANDER_BENCH_ONLY", "throughput,handover,crash");
+        let only = list("HIGHLANDER_BENCH_ONLY", "throughput,handover,crash,learners");
         for s in &only {
-            if !["throughput", "handover", "crash"].contains(&s.as_str()) {
+            if !["throughput", "handover", "crash", "learners"].contains(&s.as_str()) {
                 return Err(format!("HIGHLANDER_BENCH_ONLY: unknown part {s:?}").into());
             }
         }
@@ -725,6 +731,8 @@ struct Procs {
     exe: PathBuf,
     dir: tempfile::TempDir,
     fast: bool,
+    /// `--voters` for every process, if set.
+    voters: Option<usize>,
     ports: BTreeMap<u64, u16>,
     procs: BTreeMap<u64, Proc>,
     lives: BTreeMap<u64, u32>,
@@ -750,20 +758,22 @@ fn node_exe() -> Result<PathBuf> {
 }
 
 impl Procs {
-    fn start(fast: bool) -> Result<Procs> {
+    /// Starts `count` node processes, ids 1..=count.
+    fn start(fast: bool, count: u64, voters: Option<usize>) -> Result<Procs> {
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("cluster.secret"), ClusterSecret::generate()?.expose())?;
-        let ports = (1..=3).zip(free_udp_ports(3)?).collect();
+        let ports = (1..=count).zip(free_udp_ports(count as usize)?).collect();
         let mut p = Procs {
             exe: node_exe()?,
             dir,
             fast,
+            voters,
             ports,
             procs: BTreeMap::new(),
             lives: BTreeMap::new(),
             events: Arc::default(),
         };
-        for id in 1..=3 {
+        for id in 1..=count {
             p.spawn(id)?;
         }
         Ok(p)
@@ -779,6 +789,9 @@ impl Procs {
         }
         if self.fast {
             cmd.arg("--fast");
+        }
+        if let Some(n) = self.voters {
+            cmd.arg("--voters").arg(n.to_string());
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -906,7 +919,7 @@ fn crashes(s: &Settings, out: &mut Vec<Crash>) -> Result<()> {
     for (name, timing, fast) in
         [("standard", Timing::standard(), false), ("fast", Timing::fast(), true)]
     {
-        let mut p = Procs::start(fast)?;
+        let mut p = Procs::start(fast, 3, None)?;
         for id in 1..=3 {
             p.wait_ready(id)?;
         }
@@ -947,6 +960,55 @@ fn crashes(s: &Settings, out: &mut Vec<Crash>) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Crash failover with 9 processes, 3 voters and 6 learners, standard timing: SIGKILL of the
+/// owner, whichever it is, split by whether it was a learner.
+struct LearnerCrash {
+    ttl: Duration,
+    learner_owner: Summary,
+    voter_owner: Summary,
+}
+
+const NINE: u64 = 9;
+const NINE_VOTERS: u64 = 3;
+
+fn learner_crashes(s: &Settings) -> Result<LearnerCrash> {
+    let mut p = Procs::start(false, NINE, Some(NINE_VOTERS as usize))?;
+    for id in 1..=NINE {
+        p.wait_ready(id)?;
+    }
+    p.stable_leader(STABLE)?;
+    let (mut learner, mut voter) = (Vec::new(), Vec::new());
+    for rep in 0..s.reps {
+        let owner = wait_owner(&p)?;
+        let from = p.events.len();
+        let killed = Instant::now();
+        p.kill(owner)?;
+        let at = p.events.wait("the new owner", PROC_WAIT, |events| {
+            events[from..].iter().find(|e| e.name == "started" && e.node != owner).map(|e| e.at)
+        })?;
+        let took = at - killed;
+        let is_learner = owner > NINE_VOTERS;
+        if is_learner {
+            learner.push(took)
+        } else {
+            voter.push(took)
+        }
+        eprintln!(
+            "  crash, 9 processes #{rep}: n{owner} ({}) killed, new owner after {:.0} ms",
+            if is_learner { "learner" } else { "voter" },
+            ms(took)
+        );
+        p.spawn(owner)?;
+        p.wait_ready(owner)?;
+        p.stable_leader(STABLE)?;
+    }
+    Ok(LearnerCrash {
+        ttl: Timing::standard().session_ttl,
+        learner_owner: Summary::of(learner),
+        voter_owner: Summary::of(voter),
+    })
 }
 
 fn wait_owner(p: &Procs) -> Result<u64> {
@@ -1268,6 +1330,44 @@ fn report(
     println!("{j}");
 }
 
+/// The 9-process table and its JSON line (printed after the main report's).
+fn report_learners(l: &LearnerCrash) {
+    println!();
+    println!(
+        "crash failover, 9 processes (3 voters, 6 learners), standard timing: SIGKILL of the owner -> first `started` of another"
+    );
+    let limit = l.ttl.as_millis() as f64 + 150.0;
+    let row = |who: &str, x: &Summary| {
+        vec![
+            who.to_string(),
+            x.n.to_string(),
+            fmt_ms(x.min),
+            fmt_ms(x.p50),
+            fmt_ms(x.p99),
+            fmt_ms(x.max),
+            if x.n == 0 {
+                "-".to_string()
+            } else {
+                format!(
+                    "p99 ≤ {limit:.0} ms (TTL + margin + 100 ms): {}",
+                    verdict(ms(x.p99) <= limit)
+                )
+            },
+        ]
+    };
+    table(
+        &["owner", "n", "min", "p50", "p99", "max", "target"],
+        &[row("a learner", &l.learner_owner), row("a voter", &l.voter_owner)],
+    );
+    println!();
+    println!(
+        "{{\"learners\":{{\"ttl_ms\":{},\"learner_owner\":{},\"voter_owner\":{}}}}}",
+        l.ttl.as_millis(),
+        l.learner_owner.json(),
+        l.voter_owner.json()
+    );
+}
+
 fn main() -> Result<()> {
     let settings = Settings::from_env()?;
     // Logs only on request: they cost time the figures should not include.
@@ -1297,6 +1397,11 @@ fn main() -> Result<()> {
     if settings.only.contains("crash") {
         crashes(&settings, &mut crash_out)?;
     }
+    let learners =
+        if settings.only.contains("learners") { Some(learner_crashes(&settings)?) } else { None };
     report(&settings, fsync, &sends_out, &hands_out, &crash_out);
+    if let Some(l) = learners {
+        report_learners(&l);
+    }
     Ok(())
 }

@@ -68,6 +68,8 @@
 //! --data-dir PATH        keep the Raft log on disk (without it: memory, and the node must
 //!                        never be restarted under the same id)
 //! --fast                 Timing::fast(): session TTL 500 ms
+//! --voters N             the first N ids vote, the other peers are learners (default: up
+//!                        to 5); the same on every node
 //! --fail-stop            exit (code 70) if a task still runs after its lease deadline
 //! --key NAME             the singleton key to host (default: demo)
 //! --no-stdin             read no commands (run under a service manager; stop with SIGTERM)
@@ -118,6 +120,7 @@ use tokio::sync::{mpsc, watch};
 
 const USAGE: &str = "usage: node --config node.toml [--data-dir PATH] [--fast]
        node --id N --peer ID=ADDR... --secret-file PATH [--listen ADDR] [--data-dir PATH] [--fast]
+            [--voters N]
        node --generate-secret PATH
 common: [--key NAME] [--no-stdin]; see the doc comment of examples/node.rs";
 
@@ -168,6 +171,7 @@ struct Args {
     key: Option<String>,
     no_stdin: bool,
     generate_secret: Option<PathBuf>,
+    voters: Option<usize>,
 }
 
 fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -217,6 +221,13 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--secret-file" => args.secret_file = Some(value("--secret-file")?.into()),
             "--data-dir" => args.data_dir = Some(value("--data-dir")?.into()),
             "--key" => args.key = Some(value("--key")?),
+            "--voters" => {
+                let v = value("--voters")?;
+                args.voters = Some(
+                    v.parse()
+                        .map_err(|_| format!("--voters {v:?}: expected a number of voters"))?,
+                );
+            }
             "--generate-secret" => args.generate_secret = Some(value("--generate-secret")?.into()),
             "--fast" | "--no-stdin" | "--fail-stop" if inline.is_some() => {
                 return Err(format!("{flag} takes no value"));
@@ -287,6 +298,9 @@ fn setup(args: Args) -> Result<Setup, String> {
     };
     if args.fast {
         config.timing = Timing::fast();
+    }
+    if args.voters.is_some() {
+        config.voters = args.voters;
     }
     if let Some(dir) = args.data_dir {
         config.data_dir = Some(dir);
